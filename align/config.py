@@ -1,0 +1,290 @@
+"""Stage recipes: YAML mapped 1:1 onto our argument dataclasses plus TRL's config dataclass.
+
+A recipe is flat: every key is a field of `ModelArguments`, `DataArguments` or the stage's TRL config
+(`SFTConfig`, `DPOConfig`, `KTOConfig`), so every TRL option works without code here. We validate keys
+and types ourselves before TRL sees them, because `TrlParser` copies YAML values through unchecked and
+a typo would otherwise surface as a traceback an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.errors import AlignError
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load, how, and where LoRA goes."""
+
+    model_name_or_path: str = field(
+        default="tiny-mixtral",
+        metadata={"help": "Hub id or local folder of a Mixtral-type MoE causal LM; `tiny-mixtral` is the embedded test model."},
+    )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT adapter to start from (the SFT stage's output for DPO/KTO/NCA). The policy trains it; "
+                  "the reference is a frozen copy of it."},
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2 ..."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "transformers experts kernel: eager, batched_mm or grouped_mm (default: model's)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank, shared by every targeted group."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_attention: bool = field(default=True, metadata={"help": "LoRA on the attention projections."})
+    lora_attention_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Attention projection names to adapt when lora_attention is on."},
+    )
+    lora_experts: bool = field(default=True, metadata={"help": "LoRA on the fused expert stacks (gate_up_proj, down_proj)."})
+    lora_router: bool = field(default=True, metadata={"help": "LoRA on the router weight (mlp.gate.weight)."})
+    save_merged_model: bool = field(
+        default=False, metadata={"help": "Also write the base with the adapter merged in, to <output_dir>/merged."}
+    )
+    router_stats: bool = field(
+        default=True, metadata={"help": "Log per-layer expert load and router entropy at every logging step."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Training data: one or several datasets, mixed by weight."""
+
+    datasets: list[Any] = field(
+        default_factory=list,
+        metadata={"help": "List of datasets. Each is a path/hub id, or a mapping with `path` and optional `weight` "
+                  "(fraction of rows to keep; above 1 repeats rows), `split` (default train), `name` (hub config)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on rows after mixing (for smoke runs)."})
+    data_seed_mix: int = field(default=42, metadata={"help": "Seed of the subsampling and shuffling of the mixture."})
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Return `value` converted to the annotation `tp`, or raise TypeError with what was expected.
+
+    Strings are converted where the conversion is unambiguous, because YAML reads `2e-5` as a string
+    and command-line overrides are always strings.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        if isinstance(value, str) and value == "null" and type(None) in options:
+            return None  # `--key null` on the command line (but "none" stays a string: report_to uses it)
+        errors = []
+        # Try exact-type matches first so that "3" stays a str when str is allowed.
+        for option in sorted((o for o in options if o is not type(None)), key=lambda o: o is not str):
+            try:
+                return coerce(value, option)
+            except TypeError as err:
+                errors.append(str(err))
+        raise TypeError(" or ".join(_type_name(o) for o in options if o is not type(None)))
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise TypeError(f"one of {list(allowed)}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"a list of {_type_name(item_tp)}")
+        return [coerce(v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise TypeError("a mapping")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value).value if isinstance(value, str) else tp(value)
+        except ValueError:
+            raise TypeError(f"one of {[m.value for m in tp]}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise TypeError("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise TypeError("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError("a string")
+    return value
+
+
+def _field_types(classes) -> dict[str, tuple[type, Any]]:
+    out: dict[str, tuple[type, Any]] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                out.setdefault(f.name, (cls, hints.get(f.name, Any)))
+    return out
+
+
+def parse_cli_overrides(argv: list[str], source: str = "command line") -> dict[str, Any]:
+    """`--key value` pairs (and `--key=value`); a bare `--flag` means true."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise AlignError(f"{source}: unexpected argument '{token}' (options look like --key value)")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise AlignError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise AlignError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise AlignError(f"{path}: a recipe must be a YAML mapping of key: value")
+    return data
+
+
+def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any]:
+    """Check every key exists in one of `classes` and coerce its value to the field's type."""
+    known = _field_types(classes)
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise AlignError(f"{source}: unknown key '{key}'{hint}")
+        _, tp = known[key]
+        try:
+            out[key] = coerce(value, tp)
+        except TypeError as err:
+            raise AlignError(f"{source}: key '{key}' must be {err}, got {type(value).__name__} {value!r}") from None
+    return out
+
+
+def parse_stage_args(train_config_cls, argv: list[str]):
+    """Parse `--config FILE` plus `--key value` overrides into (ModelArguments, DataArguments, train config).
+
+    Unknown keys, wrong types and TRL's own validation errors become one-line AlignErrors.
+    """
+    from trl import TrlParser
+
+    argv = list(argv)
+    recipe: dict[str, Any] = {}
+    source = "command line"
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise AlignError("command line: --config needs a recipe file")
+        source = argv[i + 1]
+        recipe = load_recipe_file(source)
+        del argv[i : i + 2]
+    env = recipe.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise AlignError(f"{source}: key 'env' must be a mapping of variable: value")
+    for name, value in env.items():
+        os.environ[str(name)] = str(value)
+
+    classes = (ModelArguments, DataArguments, train_config_cls)
+    values = validate_keys(recipe, classes, source)
+    values.update(validate_keys(parse_cli_overrides(argv), classes, "command line"))
+    if values.get("output_dir") in (None, ""):
+        raise AlignError(f"{source}: key 'output_dir' is required")
+
+    parser = TrlParser(classes)
+    parser.set_defaults_with_config(**values)
+    try:
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=[])
+    except (ValueError, TypeError) as err:
+        raise AlignError(f"{source}: {' '.join(str(err).split())}") from None
+    train_args._align_recipe_source = source  # noqa: SLF001 - kept for the resolved-config dump
+    return model_args, data_args, train_args
+
+
+def resolved_config(model_args, data_args, train_args) -> dict[str, Any]:
+    """Every option the stage ran with, as plain YAML-able values (written next to the adapter)."""
+
+    def plain(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            try:
+                yaml.safe_dump(v)
+            except yaml.YAMLError:
+                v = str(v)
+            out[f.name] = v
+        return out
+
+    return {
+        "model": plain(model_args),
+        "data": plain(data_args),
+        "training": {k: v for k, v in plain(train_args).items() if not k.startswith("_")},
+    }

@@ -1,0 +1,155 @@
+"""Training data for the stages: load, convert the released UltraInteract schemas, check, mix.
+
+Everything here runs before a model is loaded, so a wrong path or a missing column costs seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+# Columns each stage trains on (TRL's conversational formats).
+STAGE_COLUMNS = {
+    "sft": [("messages",), ("prompt", "completion")],
+    "dpo": [("prompt", "chosen", "rejected")],
+    "nca": [("prompt", "chosen", "rejected")],
+    "kto": [("prompt", "completion", "label")],
+}
+
+UI_PAIR_COLUMNS = ("trajectory", "chosen", "rejected")
+UI_SFT_COLUMNS = ("instruction", "response")
+
+
+def _turns_to_messages(turns: list[dict]) -> list[dict]:
+    """UltraInteract `{"from": "user"|"assistant", "value": ...}` turns as chat messages."""
+    out = []
+    for turn in turns:
+        role = turn.get("from") or turn.get("role")
+        content = turn.get("value") if "value" in turn else turn.get("content")
+        out.append({"role": {"human": "user", "gpt": "assistant"}.get(role, role), "content": content})
+    return out
+
+
+def ultrainteract_sft_row(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["response"]}]}
+
+
+def ultrainteract_pair_row(row: dict) -> dict:
+    return {
+        "prompt": _turns_to_messages(row["trajectory"]),
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+
+
+def pairs_to_kto(dataset):
+    """Each preference pair as two labelled single actions: chosen desirable, rejected undesirable."""
+    from datasets import Dataset
+
+    rows = []
+    for row in dataset:
+        rows.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        rows.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return Dataset.from_list(rows)
+
+
+def load_one(path: str, split: str = "train", name: str | None = None):
+    """A `datasets.Dataset` from a saved folder, a jsonl/json/parquet file or folder, or a hub id."""
+    import datasets
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise AlignError(f"dataset {path}: no split '{split}' (has {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        if p.is_file():
+            suffix = p.suffix.lower()
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+            if builder is None:
+                raise AlignError(f"dataset {path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
+            return datasets.load_dataset(builder, data_files=str(p), split="train")
+        if p.is_dir():
+            return datasets.load_dataset(str(p), split=split)
+        if path.startswith((".", "/", "~")) or p.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+            raise AlignError(f"dataset {path}: file or folder not found")
+        return datasets.load_dataset(path, name, split=split)
+    except AlignError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the path and the reason
+        reason = " ".join(str(err).split())[:300]
+        raise AlignError(f"dataset {path}: could not be loaded ({type(err).__name__}: {reason})") from None
+
+
+def to_stage_format(ds, stage: str, source: str):
+    """Convert the UltraInteract schemas to the stage's columns, or check the stage's columns are present."""
+    columns = set(ds.column_names)
+    wanted = STAGE_COLUMNS[stage]
+    for group in wanted:
+        if set(group) <= columns:
+            return ds.select_columns(list(group))  # extra columns would stop datasets from mixing
+    if stage == "sft" and set(UI_SFT_COLUMNS) <= columns:
+        return ds.map(ultrainteract_sft_row, remove_columns=ds.column_names)
+    if stage in ("dpo", "nca", "kto") and set(UI_PAIR_COLUMNS) <= columns:
+        pairs = ds.map(ultrainteract_pair_row, remove_columns=ds.column_names)
+        return pairs_to_kto(pairs) if stage == "kto" else pairs
+    if stage == "kto" and set(STAGE_COLUMNS["dpo"][0]) <= columns:
+        return pairs_to_kto(ds)
+    need = " or ".join("/".join(g) for g in wanted)
+    alt = {"sft": "instruction/response", "dpo": "trajectory/chosen/rejected", "nca": "trajectory/chosen/rejected",
+           "kto": "trajectory/chosen/rejected or prompt/chosen/rejected"}[stage]
+    missing = sorted(set(wanted[0]) - columns)
+    raise AlignError(
+        f"dataset {source}: missing column(s) {', '.join(missing)} for the {stage} stage "
+        f"(needs {need}, or the UltraInteract columns {alt}; has {', '.join(sorted(columns)) or 'none'})"
+    )
+
+
+def _spec(item: Any, index: int) -> dict:
+    if isinstance(item, str):
+        return {"path": item}
+    if isinstance(item, dict) and "path" in item:
+        unknown = set(item) - {"path", "weight", "split", "name"}
+        if unknown:
+            raise AlignError(f"recipe: datasets[{index}] has unknown key(s) {', '.join(sorted(unknown))} "
+                             "(allowed: path, weight, split, name)")
+        return item
+    raise AlignError(f"recipe: datasets[{index}] must be a path or a mapping with 'path'")
+
+
+def load_training_data(data_args, stage: str):
+    """The stage's training set: every dataset loaded, converted, checked, weighted, mixed and shuffled."""
+    from datasets import concatenate_datasets
+
+    if not data_args.datasets:
+        raise AlignError("recipe: key 'datasets' is empty; name at least one dataset")
+    parts = []
+    for i, item in enumerate(data_args.datasets):
+        spec = _spec(item, i)
+        source = str(spec["path"])
+        ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"))
+        if len(ds) == 0:
+            raise AlignError(f"dataset {source}: has no rows")
+        ds = to_stage_format(ds, stage, source)
+        weight = spec.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise AlignError(f"recipe: datasets[{i}].weight must be a positive number, got {weight!r}")
+        keep = max(1, round(weight * len(ds)))
+        if keep != len(ds):
+            shuffled = ds.shuffle(seed=data_args.data_seed_mix)
+            indices = [j % len(ds) for j in range(keep)]
+            ds = shuffled.select(indices)
+        parts.append(ds)
+    try:
+        mixed = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    except ValueError as err:
+        raise AlignError(f"recipe: the datasets can't be mixed, their columns differ ({err})") from None
+    mixed = mixed.shuffle(seed=data_args.data_seed_mix)
+    if data_args.max_train_samples:
+        mixed = mixed.select(range(min(len(mixed), data_args.max_train_samples)))
+    return mixed

@@ -1,0 +1,1 @@
+"""Direct preference optimisation from an SFT adapter (reference: the same adapter, frozen)."""

@@ -1,0 +1,9 @@
+"""TRL's DPOTrainer with router statistics in its logs (also serves NCA through `loss_type: nca_pair`)."""
+
+from trl import DPOTrainer
+
+from align.moe.router_stats import RouterStatsMixin
+
+
+class MoEDPOTrainer(RouterStatsMixin, DPOTrainer):
+    """DPOTrainer that also logs per-layer expert load and router entropy."""

@@ -1,0 +1,27 @@
+"""One-line user errors: bad input ends the run with a single readable line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class AlignError(Exception):
+    """An error in what the user gave us (a recipe, a dataset, a path). Printed as one line, exit 2."""
+
+    exit_code = 2
+
+
+def exit_on_user_error(fn):
+    """Turn an AlignError raised anywhere under `fn` into `align: error: ...` on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AlignError as err:
+            message = " ".join(str(err).split("\n"))
+            print(f"align: error: {message}", file=sys.stderr, flush=True)
+            raise SystemExit(err.exit_code) from None
+
+    return wrapper

@@ -1,0 +1,15 @@
+"""`align kto --config recipes/<model>/kto.yaml`: KTO on prompt/completion/label rows.
+
+Preference pairs are accepted too: each pair becomes one desirable and one undesirable row.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str]):
+    from trl import KTOConfig
+
+    from align.kto_nca.trainer import MoEKTOTrainer
+    from align.training import run_stage
+
+    return run_stage("kto", KTOConfig, MoEKTOTrainer, argv)

@@ -1,0 +1,9 @@
+"""TRL's KTOTrainer with router statistics in its logs."""
+
+from trl import KTOTrainer
+
+from align.moe.router_stats import RouterStatsMixin
+
+
+class MoEKTOTrainer(RouterStatsMixin, KTOTrainer):
+    """KTOTrainer that also logs per-layer expert load and router entropy."""

@@ -1,0 +1,75 @@
+"""Load a Mixtral-type model and its tokenizer the way a recipe asks, through `from_pretrained`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from align.errors import AlignError
+from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE, TINY_MODEL_NAME, tiny_mixtral_path
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`tiny-mixtral` (optionally `tiny-mixtral:SEED`) becomes its folder; anything else is passed through."""
+    if name_or_path == TINY_MODEL_NAME or name_or_path.startswith(TINY_MODEL_NAME + ":"):
+        seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
+        return str(tiny_mixtral_path(seed))
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise AlignError(f"model_name_or_path: {name_or_path} not found")
+    return str(path) if path.exists() else name_or_path
+
+
+def check_model_args(model_args) -> None:
+    """Validation that needs no model: runs before anything heavy is loaded."""
+    if model_args.dtype not in DTYPES:
+        raise AlignError(f"recipe: key 'dtype' must be one of {', '.join(DTYPES)}, got {model_args.dtype!r}")
+    impl = model_args.experts_implementation
+    if impl is not None and impl not in ("eager", "batched_mm", "grouped_mm"):
+        raise AlignError(f"recipe: key 'experts_implementation' must be eager, batched_mm or grouped_mm, got {impl!r}")
+    if model_args.adapter_name_or_path:
+        adapter = Path(model_args.adapter_name_or_path).expanduser()
+        if not (adapter / "adapter_config.json").is_file():
+            raise AlignError(f"adapter_name_or_path: {adapter} has no adapter_config.json (is it a stage output folder?)")
+    if model_args.lora_r <= 0:
+        raise AlignError(f"recipe: key 'lora_r' must be positive, got {model_args.lora_r}")
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args, gradient_checkpointing: bool = False):
+    """The base model (plus the starting adapter, trainable, when the recipe names one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    kwargs = {}
+    if model_args.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, model_args.dtype)
+    else:
+        kwargs["dtype"] = "auto"
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.experts_implementation:
+        kwargs["experts_implementation"] = model_args.experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    except OSError as err:
+        raise AlignError(f"model_name_or_path: {model_args.model_name_or_path} could not be loaded ({err})") from None
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    if model_args.adapter_name_or_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
+    return model, model_path

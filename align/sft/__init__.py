@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on multi-turn conversations, loss on assistant turns only."""

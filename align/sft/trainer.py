@@ -1,0 +1,9 @@
+"""TRL's SFTTrainer with router statistics in its logs."""
+
+from trl import SFTTrainer
+
+from align.moe.router_stats import RouterStatsMixin
+
+
+class MoESFTTrainer(RouterStatsMixin, SFTTrainer):
+    """SFTTrainer that also logs per-layer expert load and router entropy."""

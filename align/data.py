@@ -60,6 +60,8 @@ def load_one(path: str, split: str = "train", name: str | None = None):
     import datasets
 
     p = Path(path).expanduser()
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a one-line error must stay one line
     try:
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()):
             ds = datasets.load_from_disk(str(p))
@@ -84,6 +86,9 @@ def load_one(path: str, split: str = "train", name: str | None = None):
     except Exception as err:  # datasets raises many types; the user needs the path and the reason
         reason = " ".join(str(err).split())[:300]
         raise AlignError(f"dataset {path}: could not be loaded ({type(err).__name__}: {reason})") from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def to_stage_format(ds, stage: str, source: str):

@@ -1,0 +1,57 @@
+"""Shared fixtures: a private ALIGN_HOME (so the tiny model is built from scratch once per session) and
+tiny stage runs that several tests read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+
+os.environ.setdefault("ALIGN_HOME", str(Path(os.environ.get("PYTEST_ALIGN_HOME", "/tmp/align-test-home"))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def stage_args(recipe: str, output_dir: Path, *extra: str) -> list[str]:
+    """Run a tiny recipe in-process for a few steps into `output_dir`."""
+    return ["--config", str(REPO / "recipes" / "tiny-mixtral" / recipe), "--output_dir", str(output_dir),
+            "--save_steps", "1000", *extra]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _chdir_repo():
+    old = os.getcwd()
+    os.chdir(REPO)  # recipes name their data relative to the repo root
+    yield
+    os.chdir(old)
+
+
+FIXED_INPUT = [[1, 733, 16289, 28793, 28705, 28740, 28750, 648, 28705, 28770, 327, 733, 28748, 16289, 28793]]
+
+
+def logits_of(model):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(FIXED_INPUT)).logits.float()
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """The tiny SFT recipe, 4 steps: (output folder, the trained model's logits on FIXED_INPUT)."""
+    from align.sft.train import main
+
+    out = tmp_path_factory.mktemp("sft")
+    trainer = main(stage_args("sft.yaml", out, "--max_steps", "4", "--logging_steps", "2"))
+    return out, logits_of(trainer.model)
+
+
+@pytest.fixture(scope="session")
+def sft_output(sft_run):
+    return sft_run[0]

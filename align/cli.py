@@ -15,6 +15,9 @@ COMMANDS = {
     "dpo": ("align.dpo.train", "DPO from an SFT adapter"),
     "kto": ("align.kto_nca.kto", "KTO from an SFT adapter"),
     "nca": ("align.kto_nca.nca", "NCA (pairwise) from an SFT adapter"),
+    "trees": ("align.trees.cli:trees_main", "build / export / stats / import preference trees"),
+    "verify": ("align.trees.cli:verify_main", "verify responses against problems (JSON verdicts)"),
+    "sandbox": ("align.trees.cli:sandbox_main", "run a Python file in the sandbox"),
 }
 
 
@@ -36,6 +39,6 @@ def main(argv: list[str] | None = None):
         print(f"align: error: unknown command '{command}'\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="[align] %(message)s")
-    module = importlib.import_module(COMMANDS[command][0])
-    result = module.main(rest)
+    module_name, _, function = COMMANDS[command][0].partition(":")
+    result = getattr(importlib.import_module(module_name), function or "main")(rest)
     return result if isinstance(result, int) else 0

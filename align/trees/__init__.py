@@ -1,0 +1,1 @@
+"""UltraInteract-style preference trees: problems, verifiers, sandbox, model backends, builder, store, export."""

@@ -1,0 +1,231 @@
+"""Build one preference tree per problem from multi-turn critique rollouts (UltraInteract's procedure).
+
+Per turn: sample k actions given the history and verify each. A turn with a correct and an incorrect
+action records a pair (picked by a seeded rule); the correct action ends its branch and the incorrect
+one is extended: its observation and the critique become the next user turn. The tree stops at
+max_turns or when no incorrect action is left to extend. All-correct and all-wrong turns are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from align.errors import AlignError
+from align.trees.backends import BackendError, ModelSpec, make_backend
+from align.trees.critic import LLMCritic, ObservationCritic, feedback_turn
+from align.trees.problems import Problem, load_problems
+from align.trees.sandbox import SandboxLimits
+from align.trees.store import TreeStore
+from align.trees.verifiers import verify
+
+BUILD_INFO = "build_info.json"
+
+
+@dataclass
+class CriticSpec(ModelSpec):
+    type: str = "observation"  # observation | llm
+    template: str | None = None  # llm: prompt template file (default align/templates/critic.txt)
+
+
+@dataclass
+class TreesConfig:
+    problems: str = field(default="arithmetic:64:0", metadata={"help": "Dataset path/hub id, or humaneval, arithmetic[:N[:SEED]]."})
+    output_dir: str = field(default="data/preference_trees/run", metadata={"help": "Where trees.jsonl grows."})
+    max_turns: int = field(default=5, metadata={"help": "Turns per tree at most (UltraInteract: 5)."})
+    samples_per_turn: int = field(default=2, metadata={"help": "Actions sampled per turn (at least 2)."})
+    seed: int = field(default=0, metadata={"help": "Seeds sampling and the pair choice."})
+    parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently."})
+    verifier_workers: int = field(default=4, metadata={"help": "Threads running verifiers and the sandbox."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N problems."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip invalid problem rows (listed in a report)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    actor: dict = field(default_factory=dict, metadata={"help": "ModelSpec of the actor."})
+    critic: dict = field(default_factory=dict, metadata={"help": "CriticSpec: type observation | llm, plus a ModelSpec."})
+    sandbox: dict = field(default_factory=dict, metadata={"help": "SandboxLimits: timeout_s, memory_mb, ..."})
+
+
+def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpec, CriticSpec, SandboxLimits]:
+    from align.config import validate_keys
+
+    top = TreesConfig(**validate_keys(values, [TreesConfig], source))
+    actor = ModelSpec(**validate_keys(top.actor, [ModelSpec], f"{source}: actor"))
+    critic = CriticSpec(**validate_keys(top.critic, [CriticSpec], f"{source}: critic"))
+    limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
+    if top.samples_per_turn < 2:
+        raise AlignError(f"{source}: key 'samples_per_turn' must be at least 2 (a pair needs two siblings)")
+    if not 1 <= top.max_turns <= 20:
+        raise AlignError(f"{source}: key 'max_turns' must be between 1 and 20")
+    if critic.type not in ("observation", "llm"):
+        raise AlignError(f"{source}: critic: key 'type' must be observation or llm, got {critic.type!r}")
+    for name, spec in (("actor", actor), ("critic", critic)):
+        if spec.backend not in ("local", "server"):
+            raise AlignError(f"{source}: {name}: key 'backend' must be local or server, got {spec.backend!r}")
+        if spec.backend == "server" and not spec.base_urls and (name == "actor" or critic.type == "llm"):
+            raise AlignError(f"{source}: {name}: key 'base_urls' is required for the server backend")
+    return top, actor, critic, limits
+
+
+def tree_hash(problem: Problem) -> str:
+    return hashlib.sha1(f"{problem.id}\n{problem.instruction}".encode()).hexdigest()[:12]
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+class TreeBuilder:
+    def __init__(self, actor, critic, config: TreesConfig, limits: SandboxLimits, executor: ThreadPoolExecutor):
+        self.actor, self.critic, self.config, self.limits, self.executor = actor, critic, config, limits, executor
+
+    async def _verify(self, problem: Problem, text: str):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, verify, problem, text, self.limits)
+
+    async def build(self, problem: Problem) -> dict:
+        cfg = self.config
+        history = [{"role": "user", "content": problem.instruction}]
+        turns = []
+        for turn in range(1, cfg.max_turns + 1):
+            seed = derive_seed(cfg.seed, problem.id, turn)
+            texts = await self.actor.generate(history, cfg.samples_per_turn, seed)
+            verdicts = await asyncio.gather(*(self._verify(problem, t) for t in texts))
+            actions = [{"text": t, "correct": v.correct, "observation": v.observation, "extracted": v.extracted,
+                        "status": v.status} for t, v in zip(texts, verdicts)]
+            correct = [i for i, a in enumerate(actions) if a["correct"]]
+            wrong = [i for i, a in enumerate(actions) if not a["correct"]]
+            rng = random.Random(seed)
+            record = {"turn": turn, "history": list(history), "actions": actions, "pair": None, "extended": None,
+                      "feedback": None}
+            turns.append(record)
+            if correct and wrong:
+                record["pair"] = {"chosen": rng.choice(correct), "rejected": rng.choice(wrong)}
+            if not wrong or turn == cfg.max_turns:
+                break
+            extend = record["pair"]["rejected"] if record["pair"] else rng.choice(wrong)
+            action = actions[extend]
+            critique = await self.critic.critique(problem, history, action["text"], action["observation"], seed)
+            record["extended"] = extend
+            record["feedback"] = feedback_turn(action["observation"], critique)
+            history = history + [{"role": "assistant", "content": action["text"]},
+                                 {"role": "user", "content": record["feedback"]}]
+        return {"tree_id": tree_hash(problem), "problem": problem.to_dict(), "instruction": problem.instruction,
+                "turns": turns, "solved": any(a["correct"] for t in turns for a in t["actions"])}
+
+
+class Progress:
+    """Trees done, trees/min, pass rate per turn, pairs so far (tqdm on stderr)."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="trees", unit="tree", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+        self.start = time.monotonic()
+        self.turn_tried: Counter = Counter()
+        self.turn_correct: Counter = Counter()
+        self.pairs = 0
+        self.failed = 0
+
+    def add(self, tree: dict | None) -> None:
+        if tree is None:
+            self.failed += 1
+        else:
+            for t in tree["turns"]:
+                self.turn_tried[t["turn"]] += len(t["actions"])
+                self.turn_correct[t["turn"]] += sum(a["correct"] for a in t["actions"])
+                self.pairs += t["pair"] is not None
+        rate = self.bar.n / max(time.monotonic() - self.start, 1e-9) * 60
+        passes = " ".join(f"t{k}:{self.turn_correct[k] / self.turn_tried[k]:.0%}" for k in sorted(self.turn_tried))
+        self.bar.set_postfix_str(f"{rate:.1f}/min pairs={self.pairs} failed={self.failed} pass {passes}", refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def settings_of(config: TreesConfig, actor: ModelSpec, critic: CriticSpec, limits: SandboxLimits) -> dict:
+    """What determines the trees (not where they go or how fast): a rerun must match it to resume."""
+    keep = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "parallel_trees", "verifier_workers",
+                                                                  "progress", "actor", "critic", "sandbox")}
+    return {**keep, "actor": asdict(actor), "critic": asdict(critic), "sandbox": asdict(limits)}
+
+
+async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_spec: CriticSpec,
+                            limits: SandboxLimits, command: str = "") -> dict:
+    problems, skipped = load_problems(config.problems, config.skip_bad_rows, config.limit)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(config, actor_spec, critic_spec, limits)
+    info_path = out / BUILD_INFO
+    if info_path.exists():
+        previous = json.loads(info_path.read_text()).get("settings")
+        if previous != settings:
+            changed = sorted(k for k in set(previous or {}) | set(settings) if (previous or {}).get(k) != settings.get(k))
+            raise AlignError(f"{out}: holds trees built with other settings (changed: {', '.join(changed)}); "
+                             "use a new output_dir to build with these")
+    else:
+        import align
+
+        info_path.write_text(json.dumps({"settings": settings, "command": command, "align_version": align.__version__},
+                                        indent=2))
+    if skipped:
+        (out / "skipped_rows.txt").write_text("\n".join(skipped) + "\n")
+        print(f"[align] trees: skipped {len(skipped)} bad problem rows (listed in {out / 'skipped_rows.txt'})",
+              file=sys.stderr)
+
+    store = TreeStore(out)
+    todo = [p for p in problems if p.id not in store.done]
+    summary = {"problems": len(problems), "already_done": len(problems) - len(todo), "built": 0, "failed": 0,
+               "skipped_rows": len(skipped), "output": str(out / "trees.jsonl")}
+    if not todo:
+        store.close()
+        return summary
+    actor = make_backend(actor_spec)
+    if critic_spec.type == "llm":
+        critic = LLMCritic(actor if critic_spec == actor_spec else make_backend(critic_spec), critic_spec.template)
+    else:
+        critic = ObservationCritic()
+    progress = Progress(len(todo), config.progress)
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in todo:
+        queue.put_nowait(p)
+    with ThreadPoolExecutor(config.verifier_workers) as executor:
+        builder = TreeBuilder(actor, critic, config, limits, executor)
+
+        async def worker():
+            while not queue.empty():
+                problem = queue.get_nowait()
+                try:
+                    tree = await builder.build(problem)
+                except BackendError as err:
+                    store.record_failure(problem.id, str(err))
+                    summary["failed"] += 1
+                    progress.add(None)
+                    continue
+                store.append(tree)
+                summary["built"] += 1
+                progress.add(tree)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, config.parallel_trees))))
+        finally:
+            progress.close()
+            store.close()
+            await actor.aclose()
+            if critic is not actor:
+                await critic.aclose()
+    summary["pairs"] = progress.pairs
+    summary["backend"] = {k: getattr(actor, k) for k in ("requests", "retries", "max_in_flight") if hasattr(actor, k)}
+    return summary
+
+
+def build_trees(config, actor_spec, critic_spec, limits, command: str = "") -> dict:
+    return asyncio.run(build_trees_async(config, actor_spec, critic_spec, limits, command))

@@ -1,0 +1,126 @@
+"""`align trees build|export|stats|import`, `align verify`, `align sandbox run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from align.errors import AlignError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as our one-line error (exit 2)."""
+
+    def error(self, message):
+        raise AlignError(f"{self.prog}: {message}")
+
+
+def trees_main(argv: list[str]):
+    parser = _Parser(prog="align trees")
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build trees from a recipe (reruns resume)")
+    b.add_argument("--config", required=True)
+    b.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides of the recipe")
+    e = sub.add_parser("export", help="SFT / pairs / KTO datasets from trees")
+    e.add_argument("trees", help="a trees folder (or trees.jsonl)")
+    e.add_argument("--output", required=True)
+    e.add_argument("--leaves-only", action="store_true", help="SFT on correct leaves without history (Eurus)")
+    e.add_argument("--push-to-hub", metavar="REPO", help="also push to the Hub as a private dataset")
+    s = sub.add_parser("stats", help="trees, pairs, correct actions per task; turns histogram; pass rate per turn")
+    s.add_argument("trees")
+    s.add_argument("--json", action="store_true")
+    i = sub.add_parser("import", help="released UltraInteract_pair data back into trees")
+    i.add_argument("path")
+    i.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    command = "align trees " + " ".join(shlex.quote(a) for a in argv)
+
+    if args.action == "build":
+        from align.config import load_recipe_file, parse_cli_overrides
+        from align.trees.builder import build_trees, parse_trees_config
+
+        values = load_recipe_file(args.config)
+        values.update(parse_cli_overrides(args.overrides))
+        config, actor, critic, limits = parse_trees_config(values, args.config)
+        summary = build_trees(config, actor, critic, limits, command=command)
+        print(json.dumps(summary))
+        return 1 if summary["failed"] else 0
+    if args.action == "export":
+        from align.trees.export import export_trees
+
+        counts = export_trees(args.trees, args.output, leaves_only=args.leaves_only, command=command)
+        print(json.dumps(counts))
+        if args.push_to_hub:
+            from align.publish import push_folder
+
+            push_folder(args.output, args.push_to_hub, repo_type="dataset")
+        return 0
+    if args.action == "stats":
+        from align.trees.export import format_stats, load_trees, tree_stats
+
+        stats = tree_stats(load_trees(args.trees))
+        print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        return 0
+    from align.trees.export import import_released
+
+    print(json.dumps({"trees_written": import_released(args.path, args.output)}))
+    return 0
+
+
+def verify_main(argv: list[str]):
+    """One JSON verdict per response row, then `N passed, M failed`."""
+    parser = _Parser(prog="align verify")
+    parser.add_argument("--problems", required=True, help="problems (dataset path or humaneval / arithmetic:N:SEED)")
+    parser.add_argument("--responses", required=True, help="jsonl rows with problem_id (or id) and response")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    from align.trees.problems import load_problems
+    from align.trees.sandbox import SandboxLimits
+    from align.trees.verifiers import verify
+
+    problems = {p.id: p for p in load_problems(args.problems)[0]}
+    passed = failed = 0
+    try:
+        lines = open(args.responses).read().splitlines()
+    except OSError as err:
+        raise AlignError(f"responses: {args.responses}: {err.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AlignError(f"{args.responses}:{n}: not valid JSON ({err.msg})") from None
+        pid = str(row.get("problem_id", row.get("id", "")))
+        if pid not in problems:
+            raise AlignError(f"{args.responses}:{n}: problem_id {pid!r} is not among the problems")
+        if not isinstance(row.get("response"), str):
+            raise AlignError(f"{args.responses}:{n}: field 'response' is missing")
+        v = verify(problems[pid], row["response"], SandboxLimits(timeout_s=args.timeout))
+        passed += v.correct
+        failed += not v.correct
+        print(json.dumps({"problem_id": pid, "correct": v.correct, "observation": v.observation,
+                          "extracted": v.extracted, "status": v.status}), flush=True)
+    print(f"{passed} passed, {failed} failed")
+    return 0
+
+
+def sandbox_main(argv: list[str]):
+    parser = _Parser(prog="align sandbox")
+    sub = parser.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("run", help="run one Python file in the sandbox and print the JSON verdict")
+    r.add_argument("file")
+    r.add_argument("--timeout", type=float, default=10.0)
+    r.add_argument("--memory-mb", type=int, default=1024)
+    args = parser.parse_args(argv)
+    from align.trees.sandbox import SandboxLimits, run_python
+
+    try:
+        code = open(args.file).read()
+    except OSError as err:
+        raise AlignError(f"{args.file}: {err.strerror}") from None
+    result = run_python(code, SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb))
+    print(result.to_json())
+    return 0

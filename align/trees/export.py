@@ -1,0 +1,240 @@
+"""From trees to training data (SFT, pairs, KTO), statistics, dataset cards, and back from the release.
+
+Every export is a `datasets` folder the training stages read as is. Rows are ordered by tree id, so
+the same trees give byte-identical exports whatever order they were built in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from align.errors import AlignError
+from align.trees.problems import RELEASED_TASK
+from align.trees.store import iter_trees
+
+
+def load_trees(path) -> list[dict]:
+    trees = sorted(iter_trees(path), key=lambda t: t["tree_id"])
+    if not trees:
+        raise AlignError(f"trees: no trees in {path}")
+    return trees
+
+
+def _row_ids(tree: dict, turn: int) -> dict:
+    depth = len(tree["turns"])
+    return {"id": f"{tree['tree_id']}_{depth}_{turn}", "parent_id": tree["tree_id"],
+            "task": RELEASED_TASK.get(tree["problem"]["task"], tree["problem"]["task"]),
+            "dataset": tree["problem"].get("source", "user")}
+
+
+def sft_rows(trees: list[dict], leaves_only: bool = False) -> list[dict]:
+    """Correct actions. Default: each with its whole interaction history (multi-turn `messages`).
+    leaves_only: instruction -> correct response, no history (what Eurus trained SFT on)."""
+    rows = []
+    for tree in trees:
+        for t in tree["turns"]:
+            for a in t["actions"]:
+                if not a["correct"]:
+                    continue
+                history = t["history"][:1] if leaves_only else t["history"]
+                rows.append({**_row_ids(tree, t["turn"]), "instruction": tree["instruction"], "response": a["text"],
+                             "messages": history + [{"role": "assistant", "content": a["text"]}]})
+                break  # one correct action per turn, as in the release
+    return rows
+
+
+def pair_rows(trees: list[dict]) -> list[dict]:
+    """TRL conversational pairs (shared history in `prompt`) plus the released UltraInteract_pair columns."""
+    rows = []
+    for tree in trees:
+        for t in tree["turns"]:
+            if not t["pair"]:
+                continue
+            chosen = t["actions"][t["pair"]["chosen"]]["text"]
+            rejected = t["actions"][t["pair"]["rejected"]]["text"]
+            rows.append({**_row_ids(tree, t["turn"]),
+                         "prompt": t["history"],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}],
+                         "trajectory": [{"from": m["role"], "value": m["content"]} for m in t["history"]],
+                         "chosen_text": chosen, "rejected_text": rejected})
+    return rows
+
+
+def kto_rows(trees: list[dict]) -> list[dict]:
+    """Every verified action with its history, labelled desirable (correct) or not."""
+    rows = []
+    for tree in trees:
+        for t in tree["turns"]:
+            for a in t["actions"]:
+                rows.append({**_row_ids(tree, t["turn"]), "prompt": t["history"],
+                             "completion": [{"role": "assistant", "content": a["text"]}], "label": bool(a["correct"])})
+    return rows
+
+
+def tree_stats(trees: list[dict]) -> dict:
+    per_task = defaultdict(Counter)
+    by_turns = Counter()
+    tried, correct = Counter(), Counter()
+    for tree in trees:
+        task = tree["problem"]["task"]
+        per_task[task]["trees"] += 1
+        per_task[task]["pairs"] += sum(t["pair"] is not None for t in tree["turns"])
+        per_task[task]["correct_actions"] += sum(a["correct"] for t in tree["turns"] for a in t["actions"])
+        per_task[task]["actions"] += sum(len(t["actions"]) for t in tree["turns"])
+        per_task[task]["solved"] += bool(tree["solved"])
+        by_turns[len(tree["turns"])] += 1
+        for t in tree["turns"]:
+            tried[t["turn"]] += len(t["actions"])
+            correct[t["turn"]] += sum(a["correct"] for a in t["actions"])
+    return {
+        "trees": len(trees),
+        "pairs": sum(c["pairs"] for c in per_task.values()),
+        "correct_actions": sum(c["correct_actions"] for c in per_task.values()),
+        "per_task": {k: dict(v) for k, v in sorted(per_task.items())},
+        "trajectories_by_turns": {k: by_turns[k] for k in sorted(by_turns)},
+        "pass_rate_per_turn": {k: round(correct[k] / tried[k], 4) for k in sorted(tried)},
+    }
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"trees {stats['trees']}  pairs {stats['pairs']}  correct actions {stats['correct_actions']}", "",
+             "| task | trees | solved | pairs | correct actions | actions |", "|---|---|---|---|---|---|"]
+    for task, c in stats["per_task"].items():
+        lines.append(f"| {task} | {c['trees']} | {c.get('solved', 0)} | {c['pairs']} | {c['correct_actions']} | {c['actions']} |")
+    lines += ["", "| turns in tree | trees | pass rate at that turn |", "|---|---|---|"]
+    for k in sorted(set(stats["trajectories_by_turns"]) | set(stats["pass_rate_per_turn"])):
+        rate = stats["pass_rate_per_turn"].get(k)
+        lines.append(f"| {k} | {stats['trajectories_by_turns'].get(k, 0)} | {'' if rate is None else f'{rate:.1%}'} |")
+    return "\n".join(lines)
+
+
+def _save(rows: list[dict], folder: Path, columns: list[str]) -> int:
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{c: r[c] for c in columns} for r in rows]) if rows else Dataset.from_dict({c: [] for c in columns})
+    ds.save_to_disk(str(folder))
+    return len(rows)
+
+
+def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str = "") -> dict:
+    """Write sft/, pairs/, pairs_ultrainteract/, kto/ dataset folders and a dataset card."""
+    trees = load_trees(trees_path)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = ["id", "parent_id", "task", "dataset"]
+    sft = sft_rows(trees, leaves_only)
+    pairs = pair_rows(trees)
+    kto = kto_rows(trees)
+    counts = {
+        "sft": _save(sft, out / "sft", ids + ["messages", "instruction", "response"]),
+        "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),
+        "pairs_ultrainteract": _save([{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
+                                     out / "pairs_ultrainteract", ids + ["trajectory", "chosen", "rejected"]),
+        "kto": _save(kto, out / "kto", ids + ["prompt", "completion", "label"]),
+    }
+    desirable = sum(r["label"] for r in kto)
+    counts["kto_desirable"] = desirable
+    counts["kto_undesirable"] = len(kto) - desirable
+    counts["kto_desirable_ratio"] = round(desirable / max(len(kto) - desirable, 1), 3)
+    stats = tree_stats(trees)
+    build_info = {}
+    info_path = Path(trees_path) / "build_info.json" if Path(trees_path).is_dir() else Path(trees_path).parent / "build_info.json"
+    if info_path.exists():
+        build_info = json.loads(info_path.read_text())
+    (out / "stats.json").write_text(json.dumps({"counts": counts, "stats": stats}, indent=2))
+    (out / "README.md").write_text(dataset_card(counts, stats, build_info, command, leaves_only))
+    return counts
+
+
+def dataset_card(counts: dict, stats: dict, build_info: dict, command: str, leaves_only: bool) -> str:
+    settings = build_info.get("settings", {})
+    actor, critic = settings.get("actor", {}), settings.get("critic", {})
+    return f"""---
+license: apache-2.0
+tags:
+- preference-trees
+- ultrainteract
+- dpo
+- kto
+- nca
+configs:
+- config_name: sft
+  data_dir: sft
+- config_name: pairs
+  data_dir: pairs
+- config_name: kto
+  data_dir: kto
+---
+
+# Preference trees (UltraInteract-style)
+
+Built by moe-align from multi-turn critique rollouts: at each turn one correct and one incorrect
+sibling action form a pair; the incorrect one is extended with the environment's observation and a
+critique, up to {settings.get('max_turns', '?')} turns.
+
+## Subsets
+
+| folder | rows | columns |
+|---|---|---|
+| `sft` | {counts['sft']} | id, parent_id, task, dataset, messages, instruction, response ({'correct leaves without history' if leaves_only else 'correct actions with their history'}) |
+| `pairs` | {counts['pairs']} | id, parent_id, task, dataset, prompt, chosen, rejected (TRL conversational) |
+| `pairs_ultrainteract` | {counts['pairs_ultrainteract']} | id, parent_id, task, dataset, trajectory, chosen, rejected (the released UltraInteract_pair columns) |
+| `kto` | {counts['kto']} | id, parent_id, task, dataset, prompt, completion, label ({counts['kto_desirable']} desirable / {counts['kto_undesirable']} undesirable) |
+
+`id` is `<tree hash>_<tree depth>_<turn>`; rows sharing `parent_id` share the instruction.
+
+## Statistics
+
+{format_stats(stats)}
+
+## How it was built
+
+- problems: `{settings.get('problems', '?')}`; samples per turn: {settings.get('samples_per_turn', '?')}; seed: {settings.get('seed', '?')}
+- actor: {actor.get('backend', '?')} `{actor.get('model', '?')}`{f" + adapter `{actor['adapter']}`" if actor.get('adapter') else ''}, temperature {actor.get('temperature', '?')}, top_p {actor.get('top_p', '?')}, max_new_tokens {actor.get('max_new_tokens', '?')}
+- critic: {critic.get('type', '?')}{f" ({critic.get('backend')} `{critic.get('model')}`)" if critic.get('type') == 'llm' else ' (feeds back the observation only)'}
+- verifiers: math by final-answer comparison (exact numbers, then Math-Verify); logic by normalised exact match; code by unit tests in a sandbox (timeout {settings.get('sandbox', {}).get('timeout_s', '?')} s, {settings.get('sandbox', {}).get('memory_mb', '?')} MB, no network)
+- build command: `{build_info.get('command', '?')}`
+- export command: `{command}`
+"""
+
+
+def import_released(path: str, output_dir: str) -> int:
+    """Released UltraInteract_pair rows (parquet/jsonl/datasets folder) back into trees.jsonl."""
+    from align.data import load_one
+    from align.trees.store import TreeStore
+
+    rows = load_one(path).to_list()
+    missing = {"id", "parent_id", "trajectory", "chosen", "rejected"} - set(rows[0] if rows else {})
+    if missing:
+        raise AlignError(f"{path}: not UltraInteract_pair data (missing column(s) {', '.join(sorted(missing))})")
+    by_parent = defaultdict(list)
+    for row in rows:
+        by_parent[row["parent_id"]].append(row)
+    task_back = {v: k for k, v in RELEASED_TASK.items()} | {"Math_PoT": "math"}
+    store = TreeStore(output_dir)
+    written = 0
+    for parent, group in sorted(by_parent.items()):
+        group.sort(key=lambda r: int(str(r["id"]).rsplit("_", 1)[-1]))
+        first = group[0]
+        problem = {"id": parent, "task": task_back.get(first.get("task"), "math"), "prompt": first["trajectory"][0]["value"],
+                   "source": first.get("dataset", "ultrainteract")}
+        if parent in store.done:
+            continue
+        turns = []
+        for row in group:
+            history = [{"role": m["from"], "content": m["value"]} for m in row["trajectory"]]
+            turns.append({"turn": int(str(row["id"]).rsplit("_", 1)[-1]), "history": history,
+                          "actions": [{"text": row["chosen"], "correct": True, "observation": "", "extracted": None, "status": "released"},
+                                      {"text": row["rejected"], "correct": False, "observation": "", "extracted": None, "status": "released"}],
+                          "pair": {"chosen": 0, "rejected": 1}, "extended": None, "feedback": None})
+        for cur, nxt in zip(turns, turns[1:]):
+            cur["extended"] = 1
+            cur["feedback"] = nxt["history"][-1]["content"]
+        store.append({"tree_id": parent, "problem": problem, "instruction": first["trajectory"][0]["value"],
+                      "turns": turns, "solved": True})
+        written += 1
+    store.close()
+    return written

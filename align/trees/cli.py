@@ -22,7 +22,6 @@ def trees_main(argv: list[str]):
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build trees from a recipe (reruns resume)")
     b.add_argument("--config", required=True)
-    b.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides of the recipe")
     e = sub.add_parser("export", help="SFT / pairs / KTO datasets from trees")
     e.add_argument("trees", help="a trees folder (or trees.jsonl)")
     e.add_argument("--output", required=True)
@@ -34,7 +33,9 @@ def trees_main(argv: list[str]):
     i = sub.add_parser("import", help="released UltraInteract_pair data back into trees")
     i.add_argument("path")
     i.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # unknown --key value pairs override the build recipe
+    if overrides and args.action != "build":
+        raise AlignError(f"align trees {args.action}: unrecognized arguments: {' '.join(overrides)}")
     command = "align trees " + " ".join(shlex.quote(a) for a in argv)
 
     if args.action == "build":
@@ -42,7 +43,7 @@ def trees_main(argv: list[str]):
         from align.trees.builder import build_trees, parse_trees_config
 
         values = load_recipe_file(args.config)
-        values.update(parse_cli_overrides(args.overrides))
+        values.update(parse_cli_overrides(overrides))
         config, actor, critic, limits = parse_trees_config(values, args.config)
         summary = build_trees(config, actor, critic, limits, command=command)
         print(json.dumps(summary))

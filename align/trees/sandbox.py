@@ -194,13 +194,17 @@ def _kill_uid(uid: int) -> None:
 
 
 def _pids_of_uid(uid: int) -> list[int]:
+    """Live processes of `uid` (zombies are dead already; only their parent, often init, can reap them)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except OSError:
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        pids.append(int(entry))
+            except (OSError, IndexError):
                 pass
     return pids
 

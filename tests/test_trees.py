@@ -1,0 +1,318 @@
+"""Preference trees end to end: the tree rules, determinism, resume after SIGKILL, exports, servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from align.trees.backends import ModelSpec
+from align.trees.builder import CriticSpec, TreesConfig, build_trees, parse_trees_config
+from align.trees.sandbox import SandboxLimits
+from align.trees.store import iter_trees
+
+from conftest import REPO, SHARED_REFERENCE
+
+
+def _gold(instruction: str) -> int:
+    a, op, b = re.search(r"(\d+) ([-+*]) (\d+)|holds (\d+)", instruction).groups()[:3] if "What is" in instruction else (None, None, None)
+    if a is None:
+        n, k = re.search(r"holds (\d+) .* in (\d+) boxes", instruction).groups()
+        return int(n) * int(k)
+    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+class OracleBackend:
+    """A scripted actor: sample i of a request is right with probability p (seeded), else off by one."""
+
+    name = "oracle"
+
+    def __init__(self, p_correct: float):
+        self.p = p_correct
+
+    async def generate(self, messages, n, seed):
+        gold = _gold(messages[0]["content"])
+        out = []
+        for i in range(n):
+            right = random.Random(seed * 1000 + i).random() < self.p
+            value = gold if right else gold + 1 + i
+            out.append(f"Step 1: compute the result.\nAnswer:\n\\boxed{{{value}}}")
+        return out
+
+    async def aclose(self):
+        pass
+
+
+def _config(tmp_path, **kw):
+    values = {"problems": "arithmetic:12:3", "output_dir": str(tmp_path / "trees"), "samples_per_turn": 2,
+              "max_turns": 5, "progress": False, "actor": {"backend": "local"}, **kw}
+    return parse_trees_config(values, "test")
+
+
+def test_tree_rules(tmp_path):
+    config, actor, critic, limits = _config(tmp_path, samples_per_turn=3)
+    summary = build_trees(config, actor, critic, limits, actor=OracleBackend(0.4))
+    assert summary["built"] == 12 and summary["failed"] == 0
+    trees = list(iter_trees(tmp_path / "trees"))
+    assert len(trees) == 12 and summary["pairs"] > 0
+    for tree in trees:
+        turns = tree["turns"]
+        assert 1 <= len(turns) <= 5 and [t["turn"] for t in turns] == list(range(1, len(turns) + 1))
+        for t, nxt in zip(turns, turns[1:]):
+            # only an incorrect action is extended; its observation becomes the next user turn
+            ext = t["actions"][t["extended"]]
+            assert not ext["correct"]
+            assert nxt["history"][-2] == {"role": "assistant", "content": ext["text"]}
+            assert nxt["history"][-1]["content"].startswith(f"Out: {ext['observation']}\nYour answer is wrong.")
+            if t["pair"]:
+                assert t["extended"] == t["pair"]["rejected"]
+        for t in turns:
+            correct = [a["correct"] for a in t["actions"]]
+            assert (t["pair"] is not None) == (any(correct) and not all(correct))
+            if t["pair"]:
+                assert t["actions"][t["pair"]["chosen"]]["correct"] and not t["actions"][t["pair"]["rejected"]]["correct"]
+        last = turns[-1]
+        # a tree stops when nothing is left to extend or at max_turns
+        assert all(a["correct"] for a in last["actions"]) or len(turns) == 5
+        assert last["extended"] is None
+
+
+def test_same_seed_same_trees_and_rerun_skips(tmp_path):
+    config, actor, critic, limits = _config(tmp_path / "a")
+    build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    config_b, *_ = _config(tmp_path / "b", parallel_trees=3)
+    build_trees(config_b, actor, critic, limits, actor=OracleBackend(0.5))
+    a = sorted(iter_trees(tmp_path / "a" / "trees"), key=lambda t: t["tree_id"])
+    b = sorted(iter_trees(tmp_path / "b" / "trees"), key=lambda t: t["tree_id"])
+    assert a == b
+    again = build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    assert again["built"] == 0 and again["already_done"] == 12
+    assert len(list(iter_trees(tmp_path / "a" / "trees"))) == 12
+
+
+def test_changed_settings_refuse_to_mix(tmp_path):
+    from align.errors import AlignError
+
+    config, actor, critic, limits = _config(tmp_path)
+    build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    config2, *_ = _config(tmp_path, seed=7)
+    with pytest.raises(AlignError, match="other settings.*seed"):
+        build_trees(config2, actor, critic, limits, actor=OracleBackend(0.5))
+
+
+def test_tiny_local_model_builds_a_tree(tmp_path):
+    config, actor, critic, limits = _config(tmp_path, problems="arithmetic:2:0", max_turns=2,
+                                            actor={"backend": "local", "model": "tiny-mixtral", "max_new_tokens": 6})
+    summary = build_trees(config, actor, critic, limits)
+    trees = list(iter_trees(tmp_path / "trees"))
+    assert summary["built"] == 2 and len(trees) == 2
+    assert all(len(t["turns"][0]["actions"]) == 2 for t in trees)
+
+
+def _build_cmd(recipe):
+    return [sys.executable, "-m", "align", "trees", "build", "--config", str(recipe)]
+
+
+def test_resume_after_sigkill_gives_the_same_trees(tmp_path):
+    recipe = tmp_path / "trees.yaml"
+    recipe.write_text(
+        "problems: arithmetic:6:1\nmax_turns: 2\nsamples_per_turn: 2\nparallel_trees: 1\nprogress: false\n"
+        "actor:\n  backend: local\n  model: tiny-mixtral\n  max_new_tokens: 6\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_build_cmd(recipe) + ["--output_dir", str(whole)], check=True, env=env, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_build_cmd(recipe) + ["--output_dir", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trees_file = killed / "trees.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not trees_file.exists() or trees_file.read_text().count("\n") < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = trees_file.read_text().count("\n")
+    assert 2 <= partial < 6, "the kill should land mid-run"
+    with open(trees_file, "a") as f:
+        f.write('{"tree_id": "half-writ')  # what a kill mid-write leaves behind
+    subprocess.run(_build_cmd(recipe) + ["--output_dir", str(killed)], check=True, env=env, capture_output=True, timeout=300)
+    a = sorted(iter_trees(whole), key=lambda t: t["tree_id"])
+    b = sorted(iter_trees(killed), key=lambda t: t["tree_id"])
+    assert len(b) == 6 and a == b
+
+
+def test_exports_load_in_every_stage(tmp_path):
+    from align.trees.export import export_trees
+
+    config, actor, critic, limits = _config(tmp_path, problems="arithmetic:10:5")
+    build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    counts = export_trees(tmp_path / "trees", tmp_path / "export", command="test")
+    assert counts["pairs"] > 0 and counts["sft"] > 0 and counts["kto"] == counts["kto_desirable"] + counts["kto_undesirable"]
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| `pairs` | {counts['pairs']} |" in card and "observation" in card
+
+    from align.dpo.train import main as dpo
+    from align.kto_nca.kto import main as kto
+    from align.kto_nca.nca import main as nca
+    from align.sft.train import main as sft
+
+    from conftest import stage_args
+
+    sft_out = tmp_path / "sft"
+    sft(stage_args("sft.yaml", sft_out, "--datasets", str(tmp_path / "export" / "sft"), "--max_steps", "1"))
+    for name, entry, data in (("dpo", dpo, "pairs"), ("nca", nca, "pairs_ultrainteract"), ("kto", kto, "kto")):
+        trainer = entry(stage_args(f"{name}.yaml", tmp_path / name, "--datasets", str(tmp_path / "export" / data),
+                                   "--adapter_name_or_path", str(sft_out), "--max_steps", "1"))
+        assert trainer.state.global_step == 1
+
+
+@pytest.mark.skipif(not (SHARED_REFERENCE / "ultrainteract_pair_sample.jsonl").exists(), reason="needs ../shared")
+def test_import_released_pairs_and_export_them_back(tmp_path):
+    from datasets import load_from_disk
+
+    from align.trees.export import export_trees, import_released
+
+    sample = SHARED_REFERENCE / "ultrainteract_pair_sample.jsonl"
+    originals = [json.loads(line) for line in sample.read_text().splitlines()]
+    assert import_released(str(sample), str(tmp_path / "trees")) == len({r["parent_id"] for r in originals})
+    export_trees(tmp_path / "trees", tmp_path / "export")
+    back = load_from_disk(str(tmp_path / "export" / "pairs_ultrainteract")).to_list()
+    key = lambda r: r["id"]  # noqa: E731
+    assert [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(back, key=key)] == \
+           [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(originals, key=key)]
+
+
+# ------------------------------------------------------------------ OpenAI-compatible servers
+class _FlakyHandler(BaseHTTPRequestHandler):
+    """429 then 500 on first tries; always 503 for one poisoned problem; otherwise the right answer."""
+
+    attempts: dict = {}
+    lock = threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        instruction = body["messages"][0]["content"]
+        key = (instruction, body["seed"])
+        with self.lock:
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            attempt = self.attempts[key]
+        if "What is 13 +" in instruction or attempt == 1 and body["seed"] % 2 == 0:
+            return self._send(503 if "What is 13 +" in instruction else 429, {"error": "busy"})
+        if attempt == 2 and body["seed"] % 3 == 0:
+            return self._send(500, {"error": "oops"})
+        gold = _gold(instruction)
+        value = gold if body["seed"] % 2 else gold + 1
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"Answer:\n\\boxed{{{value}}}"}}]})
+
+    def _send(self, code, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_server_errors_are_retried_then_reported(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problems = tmp_path / "p.jsonl"
+        rows = [{"id": f"p{i}", "task": "math", "prompt": f"What is {a} + 4?", "answer": str(a + 4), "source": "t"}
+                for i, a in enumerate([10, 11, 12, 13, 14])]
+        problems.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config, actor, critic, limits = _config(tmp_path, problems=str(problems), actor={
+            "backend": "server", "model": "m", "base_urls": [url, url], "max_retries": 2, "backoff_s": 0.01,
+            "concurrency": 4})
+        summary = build_trees(config, actor, critic, limits)
+        assert summary["built"] == 4 and summary["failed"] == 1 and summary["backend"]["retries"] > 0
+        failures = [json.loads(line) for line in (tmp_path / "trees" / "failures.jsonl").read_text().splitlines()]
+        assert [f["problem_id"] for f in failures] == ["p3"] and "503" in failures[0]["error"]
+        assert {t["problem"]["id"] for t in iter_trees(tmp_path / "trees")} == {"p0", "p1", "p2", "p4"}
+    finally:
+        server.shutdown()
+
+
+def test_request_timeouts_are_retried(tmp_path):
+    from align.trees.backends import BackendError, ServerBackend
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            time.sleep(1.0)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = ModelSpec(backend="server", base_urls=[f"http://127.0.0.1:{server.server_address[1]}/v1"],
+                         request_timeout_s=0.2, max_retries=1, backoff_s=0.01)
+
+        async def go():
+            backend = ServerBackend(spec)
+            try:
+                await backend.generate([{"role": "user", "content": "hi"}], 1, 0)
+            finally:
+                await backend.aclose()
+            return backend
+
+        with pytest.raises(BackendError, match="gave up after 2 attempts.*Timeout"):
+            asyncio.run(go())
+    finally:
+        server.shutdown()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tree_against_transformers_serve(tmp_path):
+    pytest.importorskip("fastapi")
+    from align.models import resolve_model_path
+
+    model_dir = resolve_model_path("tiny-mixtral")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    server = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), model_dir],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import httpx
+
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, "transformers serve exited"
+            time.sleep(0.5)
+        config, actor, critic, limits = _config(tmp_path, problems="arithmetic:2:0", max_turns=2, actor={
+            "backend": "server", "model": model_dir, "base_urls": [f"http://127.0.0.1:{port}/v1"],
+            "max_new_tokens": 8, "request_timeout_s": 120})
+        summary = build_trees(config, actor, critic, limits)
+        assert summary["built"] == 2 and summary["failed"] == 0
+        trees = list(iter_trees(tmp_path / "trees"))
+        assert all(isinstance(a["text"], str) for t in trees for turn in t["turns"] for a in turn["actions"])
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

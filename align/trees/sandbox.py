@@ -1,6 +1,7 @@
 """Run untrusted, model-written Python with time, memory, process, output and network limits.
 
-Every run gets: its own process session/group, a private temporary directory (deleted afterwards), a
+Runs are forked from a small zygote process (align/trees/_zygote.py) started once, so a run costs a
+fork rather than an interpreter start. Every run gets: its own process session/group, a private temporary directory (deleted afterwards), a
 wall-clock timeout enforced by the parent, RLIMIT_CPU / RLIMIT_AS / RLIMIT_FSIZE / RLIMIT_NOFILE, a cap
 on captured output, a fresh network namespace (no interfaces but a down loopback) and, afterwards, the
 death of every process it started.
@@ -19,6 +20,7 @@ How processes are contained depends on privilege:
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import random
@@ -76,40 +78,13 @@ class SandboxResult:
         return json.dumps(asdict(self))
 
 
-# Landlock (Linux 5.13+): confine file-system writes to the sandbox directory, without privileges.
-_SYS_LANDLOCK_CREATE, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT = 444, 445, 446
-_PR_SET_NO_NEW_PRIVS = 38
-_LL_WRITE_RIGHTS_V1 = sum(1 << b for b in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-*
-_LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14
+_SYS_LANDLOCK_CREATE = 444
 
 
 def landlock_abi() -> int:
+    """Landlock ABI version (0: unavailable). Landlock confines the child's file-system writes."""
     abi = _libc.syscall(_SYS_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     return abi if abi > 0 else 0
-
-
-class _PathBeneath(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-def _landlock_writes_only_under(paths: list[str], abi: int) -> bool:
-    rights = _LL_WRITE_RIGHTS_V1 | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
-    handled = ctypes.c_uint64(rights)
-    fd = _libc.syscall(_SYS_LANDLOCK_CREATE, ctypes.byref(handled), ctypes.c_size_t(8), ctypes.c_uint32(0))
-    if fd < 0:
-        return False
-    for path in paths:
-        file_only = not os.path.isdir(path)
-        allowed = ((1 << 1) | (_LL_TRUNCATE if abi >= 3 else 0)) if file_only else rights
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = _PathBeneath(allowed, pfd)
-        _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
-        os.close(pfd)
-    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    ok = _libc.syscall(_SYS_LANDLOCK_RESTRICT, ctypes.c_int(fd), ctypes.c_uint32(0)) == 0
-    os.close(fd)
-    return ok
 
 
 def _can_unshare(flags: int) -> bool:
@@ -238,88 +213,127 @@ def _read_capped(path: str, cap: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), size > cap
 
 
+class _Zygote:
+    """Client of the zygote process (align/trees/_zygote.py) that forks one isolated child per run."""
+
+    def __init__(self, python: str):
+        self.proc = subprocess.Popen([python, "-I", "-S", "-B", _ZYGOTE_FILE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        self._write_lock = threading.Lock()
+        self._events: dict[int, threading.Event] = {}
+        self._pids: dict[int, int] = {}
+        self._status: dict[int, int] = {}
+        self._ids = itertools.count()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            if "pid" in msg:
+                self._pids[msg["id"]] = msg["pid"]
+            else:
+                self._status[msg["id"]] = msg["status"]
+            event = self._events.get(msg["id"])
+            if event:
+                event.set()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def start(self, request: dict) -> tuple[int, threading.Event]:
+        rid = next(self._ids)
+        event = threading.Event()
+        self._events[rid] = event
+        with self._write_lock:
+            self.proc.stdin.write(json.dumps({**request, "id": rid}) + "\n")
+            self.proc.stdin.flush()
+        return rid, event
+
+    def wait(self, rid: int, event: threading.Event, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while rid not in self._status:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            event.wait(remaining if remaining is None else min(remaining, 0.5))
+            event.clear()
+            if not self.alive():
+                raise RuntimeError("the sandbox zygote died")
+        return True
+
+    def finish(self, rid: int) -> int:
+        self._events.pop(rid, None)
+        self._pids.pop(rid, None)
+        return self._status.pop(rid)
+
+
+_ZYGOTE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+_zygote: _Zygote | None = None
+_zygote_lock = threading.Lock()
+
+
+def _get_zygote(python: str) -> _Zygote:
+    global _zygote
+    with _zygote_lock:
+        if _zygote is None or not _zygote.alive():
+            _zygote = _Zygote(python)
+        return _zygote
+
+
 def run_python(code: str, limits: SandboxLimits | None = None, stdin: str | None = None) -> SandboxResult:
     """Run `code` as a Python program under the sandbox's limits and return what happened."""
     limits = limits or SandboxLimits()
     caps = capabilities()
-    root = caps["root"]
-    netns = caps["netns"]
-    landlock = caps["landlock_abi"]
+    root, netns, landlock = caps["root"], caps["netns"], caps["landlock_abi"]
     workdir = tempfile.mkdtemp(prefix="align-sandbox-")
     os.chmod(workdir, 0o700)
     uid = _claim_uid() if root else None
     if uid is not None:
         os.chown(workdir, uid, uid)
-    program = os.path.join(workdir, "main.py")
+    out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # parent-owned, 0700: out of the child's reach
+    os.chmod(out_dir, 0o700)
+    program = os.path.join(out_dir, "main.py")  # read before privileges drop; the code can't rewrite it
     with open(program, "w") as f:
         f.write(code if netns else _NO_SOCKET_PRELUDE + code)
-    out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # outside the child's reach: parent-owned, 0700
-    os.chmod(out_dir, 0o700)
-    stdout_path, stderr_path = os.path.join(out_dir, "stdout"), os.path.join(out_dir, "stderr")
-    stdin_path = os.path.join(out_dir, "stdin")
-    with open(stdin_path, "w") as f:
+    paths = {name: os.path.join(out_dir, name) for name in ("stdin", "stdout", "stderr")}
+    with open(paths["stdin"], "w") as f:
         f.write(stdin or "")
-    cpu_s = int(limits.timeout_s) + 1
-    file_cap = max(limits.max_output_bytes * 2, limits.max_file_bytes)
-
-    def preexec():  # runs in the child, between fork and exec
-        os.setsid()
-        if netns:
-            if _libc.unshare(CLONE_NEWNET if root else (CLONE_NEWUSER | CLONE_NEWNET)) != 0:
-                os._exit(126)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-        mem = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_cap, file_cap))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if uid is not None:
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        else:
-            running = len(_pids_of_uid(os.getuid()))
-            cap = running + limits.max_processes
-            resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
-        if landlock and not _landlock_writes_only_under([workdir, "/dev/null"], landlock):
-            os._exit(125)
-
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OPENBLAS_NUM_THREADS": "1"}
+    zygote = _get_zygote(sandbox_python(uid is not None))
+    request = {"workdir": workdir, "program": program, **paths, "limits": asdict(limits), "uid": uid,
+               "netns": netns, "root": root, "landlock_abi": landlock}
     start = time.monotonic()
-    status = "ok"
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err, open(stdin_path, "rb") as inp:
-        proc = subprocess.Popen([sandbox_python(uid is not None), "-I", "-B", program], cwd=workdir, env=env, stdin=inp, stdout=out,
-                                stderr=err, preexec_fn=preexec, close_fds=True)
-        try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
+    rid, event = zygote.start(request)
+    finished = zygote.wait(rid, event, limits.timeout_s)
     duration = time.monotonic() - start
+    status = "ok" if finished else "timeout"
     # Whatever happened, nothing the program started survives it.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    pid = zygote._pids.get(rid)
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     if uid is not None:
-        _kill_uid(uid)
-    else:
-        for pid in _descendants(proc.pid):
+        if _pids_of_uid(uid):
+            _kill_uid(uid)
+    elif pid:
+        for child in _descendants(pid):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(child, signal.SIGKILL)
             except OSError:
                 pass
-    exit_code = proc.wait()
+    zygote.wait(rid, event, None)
+    wait_status = zygote.finish(rid)
+    exit_code = os.waitstatus_to_exitcode(wait_status)
     if status == "ok":
-        if exit_code == 126 and netns and duration < 0.5:
-            status = "error"
+        if exit_code in (124, 125, 126) and duration < 0.5:
+            status = "error"  # the sandbox itself could not be set up
         elif exit_code < 0:
-            status = "killed"  # a signal: CPU limit, file-size limit, memory (often SIGKILL/SIGSEGV)
+            status = "killed"  # a signal: CPU limit, file-size limit, memory
         elif exit_code != 0:
             status = "error"
-    stdout, out_trunc = _read_capped(stdout_path, limits.max_output_bytes)
-    stderr, err_trunc = _read_capped(stderr_path, limits.max_output_bytes)
+    stdout, out_trunc = _read_capped(paths["stdout"], limits.max_output_bytes)
+    stderr, err_trunc = _read_capped(paths["stderr"], limits.max_output_bytes)
     shutil.rmtree(workdir, ignore_errors=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     if uid is not None:
@@ -328,4 +342,5 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str | None
     return SandboxResult(
         status=status, exit_code=exit_code, duration_s=round(duration, 3), stdout=stdout, stderr=stderr,
         stdout_truncated=out_trunc, stderr_truncated=err_trunc, network="namespace" if netns else "sockets-disabled",
+        extra={"filesystem": "landlock" if landlock else ("uid" if uid is not None else "none")},
     )

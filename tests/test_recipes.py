@@ -56,3 +56,23 @@ def test_accelerate_config_loads(path: Path):
     config = yaml.safe_load(path.read_text())
     assert config["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
     assert config["num_processes"] >= 1
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem == "trees"], ids=lambda p: p.relative_to(REPO).as_posix())
+def test_trees_recipe_validates(path: Path):
+    from align.config import load_recipe_file
+    from align.trees.builder import parse_trees_config
+
+    config, actor, critic, limits = parse_trees_config(load_recipe_file(path), str(path))
+    assert config.max_turns == 5 and config.samples_per_turn >= 2
+    assert actor.backend in ("local", "server") and critic.type in ("observation", "llm")
+
+
+def test_trees_recipe_errors_name_the_key(tmp_path):
+    from align.errors import AlignError
+    from align.trees.builder import parse_trees_config
+
+    with pytest.raises(AlignError, match=r"x.yaml: actor: unknown key 'temprature' \(did you mean 'temperature'\?\)"):
+        parse_trees_config({"actor": {"temprature": 1.0}}, "x.yaml")
+    with pytest.raises(AlignError, match="samples_per_turn"):
+        parse_trees_config({"samples_per_turn": 1}, "x.yaml")

@@ -50,6 +50,11 @@ class ModelArguments:
     )
     lora_experts: bool = field(default=True, metadata={"help": "LoRA on the fused expert stacks (gate_up_proj, down_proj)."})
     lora_router: bool = field(default=True, metadata={"help": "LoRA on the router weight (mlp.gate.weight)."})
+    moe_lora_backend: str = field(
+        default="fused",
+        metadata={"help": "fused: LoRA on experts/router without building W + B·A (align/moe/fused_lora.py); "
+                  "peft: PEFT's ParamWrapper path. Modules the fused path can't serve fall back to peft, logged."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the base with the adapter merged in, to <output_dir>/merged."}
     )

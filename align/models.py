@@ -32,6 +32,8 @@ def check_model_args(model_args) -> None:
         adapter = Path(model_args.adapter_name_or_path).expanduser()
         if not (adapter / "adapter_config.json").is_file():
             raise AlignError(f"adapter_name_or_path: {adapter} has no adapter_config.json (is it a stage output folder?)")
+    if model_args.moe_lora_backend not in ("fused", "peft"):
+        raise AlignError(f"recipe: key 'moe_lora_backend' must be fused or peft, got {model_args.moe_lora_backend!r}")
     if model_args.lora_r <= 0:
         raise AlignError(f"recipe: key 'lora_r' must be positive, got {model_args.lora_r}")
 

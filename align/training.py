@@ -17,6 +17,7 @@ from align.config import parse_stage_args, resolved_config
 from align.data import load_training_data
 from align.errors import AlignError
 from align.models import check_model_args, load_model, load_tokenizer
+from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_trainable_report
 
 logger = logging.getLogger("align")
@@ -72,10 +73,13 @@ def run_stage(stage: str, config_cls, trainer_cls, argv: list[str], check=None):
 
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
+    fused = apply_moe_lora_backend(trainer.model, model_args.moe_lora_backend)
     if model_args.router_stats:
         trainer.enable_router_stats()
     if trainer.is_world_process_zero():
         print(f"[align] {stage}: {format_trainable_report(trainer.model)}", flush=True)
+        print(f"[align] {stage}: moe_lora_backend={fused['backend']} fused expert stacks={fused['fused_experts']} "
+              f"fused routers={fused['fused_routers']} fallbacks={len(fused['fallbacks'])}", flush=True)
 
     trainer.train(resume_from_checkpoint=resume)
     save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)

@@ -41,6 +41,9 @@ class ModelArguments:
     experts_implementation: str | None = field(
         default=None, metadata={"help": "transformers experts kernel: eager, batched_mm or grouped_mm (default: model's)."}
     )
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train LoRA adapters (default); false trains every weight (full fine-tuning)."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank, shared by every targeted group."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_attention: bool = field(default=True, metadata={"help": "LoRA on the attention projections."})

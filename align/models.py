@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.errors import AlignError
-from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE, TINY_MODEL_NAME, tiny_mixtral_path
+from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE, TINY_CHAR_MODEL_NAME, TINY_MODEL_NAME, tiny_mixtral_path
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-mixtral` (optionally `tiny-mixtral:SEED`) becomes its folder; anything else is passed through."""
-    if name_or_path == TINY_MODEL_NAME or name_or_path.startswith(TINY_MODEL_NAME + ":"):
-        seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
-        return str(tiny_mixtral_path(seed))
+    """`tiny-mixtral` / `tiny-mixtral-char` (optionally `:SEED`) become their folders; anything else passes."""
+    name, _, seed = name_or_path.partition(":")
+    if name in (TINY_MODEL_NAME, TINY_CHAR_MODEL_NAME):
+        return str(tiny_mixtral_path(int(seed) if seed else 0, name=name))
     path = Path(name_or_path).expanduser()
     if name_or_path.startswith((".", "/", "~")) and not path.exists():
         raise AlignError(f"model_name_or_path: {name_or_path} not found")
@@ -47,6 +47,21 @@ def load_tokenizer(model_path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def load_for_generation(model_path: str, adapter: str | None = None, dtype: str = "float32"):
+    """A model (plus an optional adapter) in eval mode for sampling, with router-logit output off (the
+    aux-loss code path breaks cached, padded generation)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_path), dtype=getattr(torch, dtype))
+    model.config.output_router_logits = False
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
 
 
 def load_model(model_args, gradient_checkpointing: bool = False):

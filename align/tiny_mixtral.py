@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-mixtral"
+TINY_CHAR_MODEL_NAME = "tiny-mixtral-char"
 
 # Mixtral-Instruct's format: `<s>[INST] user [/INST] answer</s>[INST] ...`. The {% generation %}
 # markers let TRL compute an assistant-only loss mask; a system message is folded into the first user turn.
@@ -66,31 +67,73 @@ def build_mixtral_tokenizer():
     return tokenizer
 
 
+# The character-level variant: 3 layers, 4 experts, ~100-symbol vocabulary. With Mixtral's 32000-token
+# vocabulary the output projection dominates a model this small, and it learns arithmetic ~10x slower on
+# a CPU (see the quickstart notes); the quickstart bootstraps this one.
+TINY_CHAR_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+    router_aux_loss_coef=0.02,
+    tie_word_embeddings=False,
+)
+CHAR_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer (printable ASCII and newline) with the Mixtral chat template."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    from tokenizers import decoders
+
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
 def default_home() -> Path:
     return Path(os.environ.get("ALIGN_HOME", Path.home() / ".cache" / "align"))
 
 
-def tiny_mixtral_path(seed: int = 0) -> Path:
-    """Folder of the embedded tiny model, written on first use (safe when several processes race)."""
-    folder = default_home() / "models" / f"{TINY_MODEL_NAME}-s{seed}"
+def tiny_mixtral_path(seed: int = 0, name: str = TINY_MODEL_NAME) -> Path:
+    """Folder of an embedded tiny model, written on first use (safe when several processes race)."""
+    folder = default_home() / "models" / f"{name}-s{seed}"
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "config.json").is_file():
-            write_tiny_mixtral(folder, seed=seed)
+            if name == TINY_CHAR_MODEL_NAME:
+                write_tiny_mixtral(folder, seed=seed, tokenizer=build_char_tokenizer(), **TINY_CHAR_CONFIG)
+            else:
+                write_tiny_mixtral(folder, seed=seed)
     return folder
 
 
-def write_tiny_mixtral(folder: Path, seed: int = 0, **overrides) -> Path:
-    """Build the tiny model with a seeded init and save it (model + tokenizer) atomically to `folder`."""
+def write_tiny_mixtral(folder: Path, seed: int = 0, tokenizer=None, **overrides) -> Path:
+    """Build a tiny model with a seeded init and save it (model + tokenizer) atomically to `folder`."""
     import torch
     from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
-    tokenizer = build_mixtral_tokenizer()
+    tokenizer = tokenizer or build_mixtral_tokenizer()
     config = MixtralConfig(
-        **{**TINY_CONFIG, **overrides},
+        **{**TINY_CONFIG, "vocab_size": len(tokenizer), **overrides},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

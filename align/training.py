@@ -64,7 +64,12 @@ def run_stage(stage: str, config_cls, trainer_cls, argv: list[str], check=None):
     tokenizer = load_tokenizer(model_args.adapter_name_or_path or model_path)
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
+    if not model_args.use_lora:
+        if isinstance(model, PeftModel):
+            raise AlignError("recipe: use_lora: false cannot start from adapter_name_or_path (merge it first)")
+        peft_config = None
+        logger.info("%s: full-parameter training (use_lora: false)", stage)
+    elif isinstance(model, PeftModel):
         peft_config = None  # train the starting adapter; TRL keeps a frozen copy of it as the reference
         logger.info("%s: training adapter %s (lora_* recipe keys come from that adapter)", stage,
                     model_args.adapter_name_or_path)
@@ -94,15 +99,22 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    # The frozen "ref" copy only serves training; the published adapter is "default" alone.
-    model.save_pretrained(out, selected_adapters=["default"])
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        # The frozen "ref" copy only serves training; the published adapter is "default" alone.
+        model.save_pretrained(out, selected_adapters=["default"])
+    else:
+        # TRL switches router logits on for the aux loss; saved on, they break cached generation later.
+        model.config.output_router_logits = False
+        model.save_pretrained(out)  # full-parameter training: a complete model folder
     tokenizer.save_pretrained(out)
     trainer.save_state()
     config = resolved_config(model_args, data_args, args)
     config["stage"] = stage
-    config["base_model_path"] = getattr(model.peft_config["default"], "base_model_name_or_path", None)
+    config["base_model_path"] = (getattr(model.peft_config["default"], "base_model_name_or_path", None) if is_peft
+                                 else model_args.model_name_or_path)
     (out / RESOLVED_CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
-    if model_args.save_merged_model:
+    if model_args.save_merged_model and is_peft:
         merged_dir = out / "merged"
         if "ref" in model.peft_config:
             model.delete_adapter("ref")

@@ -316,3 +316,41 @@ def test_tree_against_transformers_serve(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+class _CriticHandler(BaseHTTPRequestHandler):
+    prompts: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.prompts.append(body["messages"][0]["content"])
+        data = json.dumps({"choices": [{"message": {"content": "Check the carry in step 2."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_llm_critic_feedback_turn(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CriticHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        template = tmp_path / "critic.txt"
+        template.write_text("P: {problem}\nT: {trajectory}\nO: {observation}\nR: {reference}\n")
+        config, actor, critic, limits = _config(tmp_path, problems="arithmetic:3:1", max_turns=2, critic={
+            "type": "llm", "backend": "server", "model": "critic", "template": str(template),
+            "base_urls": [f"http://127.0.0.1:{server.server_address[1]}/v1"]})
+        build_trees(config, actor, critic, limits, actor=OracleBackend(0.0))  # always wrong: always critiqued
+        trees = list(iter_trees(tmp_path / "trees"))
+        feedback = trees[0]["turns"][0]["feedback"]
+        assert feedback.startswith("Out: ") and "Your answer is wrong.\nCheck the carry in step 2." in feedback
+        prompt = _CriticHandler.prompts[0]
+        answer = trees[0]["problem"]["answer"]
+        assert f"R: {answer}" in prompt and "O: " in prompt and "T: [assistant]" in prompt
+        assert answer not in trees[0]["turns"][1]["history"][-1]["content"].replace(f"Out: ", "").split("wrong.")[1]
+    finally:
+        server.shutdown()

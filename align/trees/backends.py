@@ -44,20 +44,12 @@ class LocalBackend:
     not depend on scheduling: the same seed gives the same trees."""
 
     def __init__(self, spec: ModelSpec):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from align.models import load_tokenizer, resolve_model_path
+        from align.models import load_for_generation, load_tokenizer, resolve_model_path
 
         path = resolve_model_path(spec.model)
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.adapter or path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.dtype))
-        if spec.adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, spec.adapter)
-        self.model = model.eval()
+        self.model = load_for_generation(path, spec.adapter, spec.dtype)
         self._lock = threading.Lock()
         self.name = spec.model + (f"+{spec.adapter}" if spec.adapter else "")
 

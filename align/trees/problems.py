@@ -38,12 +38,13 @@ class Problem:
     tests: str | None = None  # code: defines check(candidate)
     entry_point: str | None = None  # code: the function the tests call
     choices: list[str] | None = None  # logic, multiple choice
+    prefix: str | None = None  # instruction prefix; None: the task's UltraInteract prefix
     extra: dict = field(default_factory=dict)
 
     @property
     def instruction(self) -> str:
-        """The first user turn: the task's UltraInteract prefix, then the problem."""
-        return TASK_PREFIX[self.task] + self.prompt
+        """The first user turn: the prefix (by default the task's UltraInteract prefix), then the problem."""
+        return (TASK_PREFIX[self.task] if self.prefix is None else self.prefix) + self.prompt
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, {}, [])}
@@ -117,10 +118,59 @@ def arithmetic_problems(n: int = 200, seed: int = 0, max_operand: int = 99) -> l
     return out
 
 
+def addition_steps(a: int, b: int) -> str:
+    """Column addition, one digit per step, least significant first, e.g. 57+68 ->
+    '7+8=15\n5+6+1=12\nAnswer: 125'. Short, local steps a tiny model can learn in minutes."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, lines = 0, []
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        total = x + y + carry
+        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+        carry = total // 10
+    return "\n".join(lines + [f"Answer: {a + b}"])
+
+
+ADDITION_SPLITS = ("all", "train", "heldout")
+
+
+def is_heldout_pair(a: int, b: int) -> bool:
+    """A fixed tenth of all (a, b) pairs, by hash, is reserved for evaluation: `train` never draws them.
+    (A hash, not arithmetic on a and b: a linear rule would reserve a structured class, such as every
+    sum ending in 0, that the model then never sees.)"""
+    import hashlib
+
+    return hashlib.sha256(f"{a}+{b}".encode()).digest()[0] % 10 == 0
+
+
+def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str = "all") -> list[Problem]:
+    """Seeded `a+b` problems (no instruction prefix) whose reference solution is `addition_steps`.
+    split: all, train (never a held-out pair) or heldout (only held-out pairs)."""
+    if split not in ADDITION_SPLITS:
+        raise AlignError(f"problems: addition split must be one of {', '.join(ADDITION_SPLITS)}, got {split!r}")
+    rng = random.Random(seed)
+    hi = 10 ** digits - 1
+    out = []
+    for i in range(n):
+        while True:
+            a, b = rng.randint(0, hi), rng.randint(0, hi)
+            if split == "all" or is_heldout_pair(a, b) == (split == "heldout"):
+                break
+        out.append(Problem(id=f"add{digits}-{split}-{seed}-{i}", task="math", prompt=f"{a}+{b}", answer=str(a + b),
+                           source="addition", prefix="", extra={"solution": addition_steps(a, b)}))
+    return out
+
+
 def builtin_problems(spec: str) -> list[Problem] | None:
     name, *params = spec.split(":")
     if name == "humaneval":
         return humaneval_problems()
+    if name == "addition":
+        try:
+            n, seed, digits = (int(params[i]) if len(params) > i else d for i, d in enumerate((200, 0, 2)))
+        except ValueError:
+            raise AlignError(f"problems: '{spec}' should be addition[:N[:SEED[:DIGITS[:SPLIT]]]]") from None
+        return addition_problems(n, seed, digits, params[3] if len(params) > 3 else "all")
     if name == "arithmetic":
         try:
             n = int(params[0]) if params else 200

@@ -1,0 +1,159 @@
+"""Pipeline runner (skip, resume, hashes, selection), eval metrics on fixed answers, and the model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from align.errors import AlignError
+from conftest import REPO
+
+
+def _pipeline(tmp_path, n=64, sft_set=None):
+    spec = {
+        "output_dir": str(tmp_path / "out"),
+        "accelerate_config": str(REPO / "recipes" / "accelerate" / "cpu.yaml"),
+        "stages": [
+            {"name": "data", "kind": "data", "generator": "addition-sft", "n": n, "seed": 1, "digits": [2]},
+            {"name": "boot", "kind": "sft", "recipe": str(REPO / "recipes" / "quickstart" / "bootstrap.yaml"),
+             "set": {"datasets": ["${data}/train.jsonl"], "max_steps": 2, "per_device_train_batch_size": 8,
+                     **(sft_set or {})}},
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def _run(path, *flags):
+    from align.pipeline import main
+
+    return main([path, *flags])
+
+
+def _record(tmp_path, stage):
+    return json.loads((tmp_path / "out" / stage / "stage.json").read_text())
+
+
+def test_fail_resume_skip_and_rerun_on_changed_input(tmp_path, capsys):
+    # a failing stage stops the run, naming the stage and its log
+    path = _pipeline(tmp_path, sft_set={"learning_rat": 1.0})
+    with pytest.raises(AlignError, match=r"stage boot failed .*boot/log.txt"):
+        _run(path)
+    assert _record(tmp_path, "data")["status"] == "done" and _record(tmp_path, "boot")["status"] == "failed"
+    assert "unknown key 'learning_rat'" in (tmp_path / "out" / "boot" / "log.txt").read_text()
+
+    # fixed: the rerun continues from the failed stage, the finished one is skipped
+    path = _pipeline(tmp_path)
+    data_finished = _record(tmp_path, "data")["finished"]
+    assert _run(path) == 0
+    assert _record(tmp_path, "data")["finished"] == data_finished
+    boot = _record(tmp_path, "boot")
+    assert boot["status"] == "done" and (tmp_path / "out" / "boot" / "model.safetensors").exists()
+    resolved = yaml.safe_load((tmp_path / "out" / "boot" / "recipe.yaml").read_text())
+    assert resolved["datasets"] == [str(tmp_path / "out" / "data" / "train.jsonl")]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| data | skipped |" in summary and "| boot | done |" in summary
+
+    # nothing changed: everything skipped
+    capsys.readouterr()
+    assert _run(path) == 0
+    assert "data unchanged, skipped" in capsys.readouterr().out and _record(tmp_path, "boot")["finished"] == boot["finished"]
+
+    # an input changes: --only reruns that stage; the dependent stage's hash changes, so --from reruns it
+    path = _pipeline(tmp_path, n=32)
+    _run(path, "--only", "data")
+    assert _record(tmp_path, "boot")["finished"] == boot["finished"]
+    _run(path, "--from", "boot")
+    assert _record(tmp_path, "boot")["finished"] > boot["finished"]
+
+
+def test_pipeline_errors_before_running(tmp_path):
+    from align.pipeline import load_pipeline
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "sft", "recipe": "nope.yaml"}]}))
+    with pytest.raises(AlignError, match=r"stages\[0\] \(a\): recipe nope.yaml not found"):
+        load_pipeline(str(bad))
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "eval", "problems": "${b}"}]}))
+    with pytest.raises(AlignError, match=r"\$\{b\} names no earlier stage"):
+        load_pipeline(str(bad))
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "train"}]}))
+    with pytest.raises(AlignError, match="kind must be one of"):
+        load_pipeline(str(bad))
+
+
+def test_quickstart_pipeline_validates():
+    from align.pipeline import Runner, load_pipeline
+
+    path = REPO / "recipes" / "quickstart" / "pipeline.yaml"
+    spec = load_pipeline(str(path))
+    runner = Runner(spec, str(path))
+    kinds = [s["kind"] for s in spec["stages"]]
+    assert kinds[:5] == ["data", "sft", "trees", "sft", "nca"] and "eval" in kinds and "publish" in kinds
+    for stage in spec["stages"]:
+        resolved = runner.resolve(stage)
+        if "resolved_recipe" in resolved and stage["kind"] != "trees":
+            from align.config import ModelArguments, DataArguments, validate_keys
+            from trl import DPOConfig, KTOConfig, SFTConfig
+
+            cls = {"sft": SFTConfig, "dpo": DPOConfig, "nca": DPOConfig, "kto": KTOConfig}[stage["kind"]]
+            validate_keys(resolved["resolved_recipe"], (ModelArguments, DataArguments, cls), stage["name"])
+
+
+def test_eval_metrics_on_fixed_answers():
+    from align.evaluate import markdown_table, score
+    from align.trees.problems import Problem
+
+    problems = [Problem(id="m1", task="math", prompt="1+1", answer="2"),
+                Problem(id="m2", task="math", prompt="2+2", answer="4"),
+                Problem(id="l1", task="logic", prompt="sky blue?", answer="yes"),
+                Problem(id="c1", task="code", prompt="add", entry_point="add",
+                        tests="def check(candidate):\n    assert candidate(1, 2) == 3\n")]
+    answers = ["Answer: 2", "Answer: 5", "Answer: yes", "```python\ndef add(a, b):\n    return a - b\n```"]
+    result = score(problems, answers)
+    assert result["pass@1"] == 0.5 and result["n"] == 4 and result["correct"] == [True, False, True, False]
+    assert result["per_task"] == {"code": {"pass@1": 0.0, "n": 1}, "logic": {"pass@1": 1.0, "n": 1},
+                                  "math": {"pass@1": 0.5, "n": 2}}
+    table = markdown_table({"models": {"base": {k: v for k, v in result.items() if k != "correct"}}})
+    assert "| base | 50.0% | 0.0% | 100.0% | 50.0% | 4 |" in table
+
+
+def test_publish_dry_run_card_loads(sft_output, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from align.publish import main as publish
+
+    results = tmp_path / "eval" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"problems": "p", "models": {"base": {"pass@1": 0.25, "n": 4, "per_task": {"math": {"pass@1": 0.25, "n": 4}}}}}))
+    (tmp_path / "eval" / "plots").mkdir()
+    (tmp_path / "eval" / "plots" / "rewards.png").write_bytes(b"\x89PNG\r\n")
+    out = tmp_path / "hub"
+    assert publish([str(sft_output), "--repo-id", "me/tiny", "--dry-run", "--output", str(out), "--eval", str(results)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "tiny-mixtral" and card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0" and "moe" in card.data.tags and card.data.datasets
+    text = card.text
+    assert "| base | 25.0% |" in text and "plots/rewards.png" in text and "experts (" in text and "router" in text
+    assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "plots" / "rewards.png").exists()
+    with pytest.raises(SystemExit):
+        from align.cli import main
+
+        main(["publish", str(sft_output), "--repo-id", "noslash", "--dry-run"])
+
+
+def test_addition_heldout_split_is_disjoint_and_unstructured():
+    from align.quickstart import addition_sft_rows
+    from align.trees.problems import load_problems
+
+    heldout = {p.prompt for p in load_problems("addition:300:999:2:heldout")[0]}
+    trees = {p.prompt for p in load_problems("addition:600:7:2:train")[0]}
+    boot = {r["messages"][0]["content"] for r in addition_sft_rows(4000, 12345, [2])}
+    assert not heldout & trees and not heldout & boot
+    sums = [sum(map(int, p.split("+"))) for p in heldout]
+    assert {s % 10 for s in sums} == set(range(10))  # not one class of answers reserved
+    assert any((int(p.split("+")[0]) % 10 + int(p.split("+")[1]) % 10) >= 10 for p in heldout)  # carries too

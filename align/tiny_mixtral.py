@@ -70,18 +70,8 @@ def build_mixtral_tokenizer():
 # The character-level variant: 3 layers, 4 experts, ~100-symbol vocabulary. With Mixtral's 32000-token
 # vocabulary the output projection dominates a model this small, and it learns arithmetic ~10x slower on
 # a CPU (see the quickstart notes); the quickstart bootstraps this one.
-TINY_CHAR_CONFIG = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=1024,
-    router_aux_loss_coef=0.02,
-    tie_word_embeddings=False,
-)
+TINY_CHAR_CONFIG = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
+                    "max_position_embeddings": 1024}
 CHAR_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -133,7 +123,7 @@ def write_tiny_mixtral(folder: Path, seed: int = 0, tokenizer=None, **overrides)
 
     tokenizer = tokenizer or build_mixtral_tokenizer()
     config = MixtralConfig(
-        **{**TINY_CONFIG, "vocab_size": len(tokenizer), **overrides},
+        **{**TINY_CONFIG, **overrides, "vocab_size": len(tokenizer)},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -193,6 +193,15 @@ def test_import_released_pairs_and_export_them_back(tmp_path):
 
 
 # ------------------------------------------------------------------ OpenAI-compatible servers
+def _send_json(handler, code, payload):
+    data = json.dumps(payload).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _FlakyHandler(BaseHTTPRequestHandler):
     """429 then 500 on first tries; always 503 for one poisoned problem; otherwise the right answer."""
 
@@ -218,12 +227,7 @@ class _FlakyHandler(BaseHTTPRequestHandler):
         self._send(200, {"choices": [{"message": {"role": "assistant", "content": f"Answer:\n\\boxed{{{value}}}"}}]})
 
     def _send(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_json(self, code, payload)
 
 
 def test_server_errors_are_retried_then_reported(tmp_path):
@@ -327,12 +331,7 @@ class _CriticHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.prompts.append(body["messages"][0]["content"])
-        data = json.dumps({"choices": [{"message": {"content": "Check the carry in step 2."}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_json(self, 200, {"choices": [{"message": {"content": "Check the carry in step 2."}}]})
 
 
 def test_llm_critic_feedback_turn(tmp_path):

@@ -15,7 +15,6 @@ stops the run naming its log, and the next run continues from there.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -246,7 +245,7 @@ class Runner:
         return 0
 
     def print_summary(self, total: float) -> None:
-        lines = ["", f"| stage | status | seconds | outputs |", "|---|---|---|---|"]
+        lines = ["", "| stage | status | seconds | outputs |", "|---|---|---|---|"]
         for row in self.summary:
             lines.append(f"| {row['stage']} | {row['status']} | {row['seconds']:.0f} | {', '.join(row['outputs'])} |")
         lines.append(f"\ntotal {total:.0f}s")

@@ -69,7 +69,7 @@ def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merge
              f"- LoRA targets: {'; '.join(lora) if lora else 'none (full-parameter)'}"
              + (f"; rank {adapter_config.get('r')}, alpha {adapter_config.get('lora_alpha')}" if adapter_config else ""),
              "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
-             f"- recipe: the fully resolved configuration is in `align_config.yaml`", ""]
+             "- recipe: the fully resolved configuration is in `align_config.yaml`", ""]
     if eval_table:
         lines += ["## Evaluation (pass@1, greedy)", "", eval_table.strip(), ""]
     if plots:

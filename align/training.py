@@ -7,8 +7,6 @@ their trainer class and the data format they need; nothing MoE-specific lives in
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import yaml
@@ -122,7 +120,3 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     print(f"[align] {stage}: adapter written to {out}", flush=True)
-
-
-def remove_tree(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

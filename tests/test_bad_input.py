@@ -109,7 +109,6 @@ def test_nca_needs_nca_loss(tmp_path, capsys):
 
 
 def test_attention_only_model_rejects_expert_lora():
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from align.config import ModelArguments

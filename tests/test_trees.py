@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from align.trees.backends import ModelSpec
-from align.trees.builder import CriticSpec, TreesConfig, build_trees, parse_trees_config
-from align.trees.sandbox import SandboxLimits
+from align.trees.builder import build_trees, parse_trees_config
 from align.trees.store import iter_trees
 
-from conftest import REPO, SHARED_REFERENCE
+from conftest import SHARED_REFERENCE
 
 
 def _gold(instruction: str) -> int:
@@ -350,6 +349,6 @@ def test_llm_critic_feedback_turn(tmp_path):
         prompt = _CriticHandler.prompts[0]
         answer = trees[0]["problem"]["answer"]
         assert f"R: {answer}" in prompt and "O: " in prompt and "T: [assistant]" in prompt
-        assert answer not in trees[0]["turns"][1]["history"][-1]["content"].replace(f"Out: ", "").split("wrong.")[1]
+        assert answer not in trees[0]["turns"][1]["history"][-1]["content"].replace("Out: ", "").split("wrong.")[1]
     finally:
         server.shutdown()

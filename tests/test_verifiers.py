@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from align.trees.problems import Problem, humaneval_problems
-from align.trees.verifiers import final_answer, verify, verify_code, verify_logic, verify_math
+from align.trees.verifiers import final_answer, verify_code, verify_logic, verify_math
 
 HUMANEVAL = humaneval_problems()
 

@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess

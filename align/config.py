@@ -101,13 +101,12 @@ def coerce(value: Any, tp: Any) -> Any:
             return None
         if isinstance(value, str) and value == "null" and type(None) in options:
             return None  # `--key null` on the command line (but "none" stays a string: report_to uses it)
-        errors = []
         # Try exact-type matches first so that "3" stays a str when str is allowed.
         for option in sorted((o for o in options if o is not type(None)), key=lambda o: o is not str):
             try:
                 return coerce(value, option)
-            except TypeError as err:
-                errors.append(str(err))
+            except TypeError:
+                continue
         raise TypeError(" or ".join(_type_name(o) for o in options if o is not type(None)))
     if origin is typing.Literal:
         allowed = typing.get_args(tp)

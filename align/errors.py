@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -10,6 +11,13 @@ class AlignError(Exception):
     """An error in what the user gave us (a recipe, a dataset, a path). Printed as one line, exit 2."""
 
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are AlignErrors: one line, exit 2, like every other bad input."""
+
+    def error(self, message):
+        raise AlignError(f"{self.prog}: {message}")
 
 
 def exit_on_user_error(fn):

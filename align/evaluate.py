@@ -93,9 +93,9 @@ def run_eval(spec: dict, output: Path) -> dict:
 
 def main(argv: list[str]):
     from align.config import load_recipe_file
-    from align.trees.cli import _Parser
+    from align.errors import ArgumentParser
 
-    parser = _Parser(prog="align eval")
+    parser = ArgumentParser(prog="align eval")
     parser.add_argument("--config", required=True, help="problems, models {name: {model, adapter}}, runs, trees")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)

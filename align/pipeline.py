@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -204,8 +205,7 @@ class Runner:
                 continue
             if name not in selected:
                 if not record or record.get("status") != "done":
-                    if any(REF.search(json.dumps(s)) and f"${{{name}}}" in json.dumps(s)
-                           for s in self.spec["stages"] if s["name"] in selected):
+                    if any(f"${{{name}}}" in json.dumps(s) for s in self.spec["stages"] if s["name"] in selected):
                         raise AlignError(f"stage {name} is needed by the selected stages but has not finished; run it first")
                 self.hashes[name] = record.get("hash") if record else None
                 self.summary.append({"stage": name, "status": "not selected", "seconds": 0, "outputs": []})
@@ -218,8 +218,6 @@ class Runner:
             if record and record.get("hash") != digest and folder.exists():
                 # Its config or inputs changed: what is there is stale. (Same hash: an interrupted or failed
                 # attempt, whose partial work, such as finished trees, the stage resumes from.)
-                import shutil
-
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -261,9 +259,9 @@ class StageFailed(Exception):
 
 
 def main(argv: list[str]):
-    from align.trees.cli import _Parser
+    from align.errors import ArgumentParser
 
-    parser = _Parser(prog="align run")
+    parser = ArgumentParser(prog="align run")
     parser.add_argument("pipeline")
     parser.add_argument("--only", help="run this stage only")
     parser.add_argument("--from", dest="start_from", help="run this stage and the ones after it")

@@ -85,11 +85,10 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
                          eval_results: str | None = None) -> Path:
     import json
     import shutil
-    from pathlib import Path as P
 
     import yaml
 
-    src, out = P(stage_dir), P(output)
+    src, out = Path(stage_dir), Path(output)
     if not (src / "align_config.yaml").is_file():
         raise AlignError(f"{stage_dir}: not a stage output (no align_config.yaml)")
     config = yaml.safe_load((src / "align_config.yaml").read_text())
@@ -112,11 +111,11 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
     eval_table, plots = None, []
-    if eval_results and P(eval_results).is_file():
+    if eval_results and Path(eval_results).is_file():
         from align.evaluate import markdown_table
 
-        eval_table = markdown_table(json.loads(P(eval_results).read_text()))
-        plot_dir = P(eval_results).parent / "plots"
+        eval_table = markdown_table(json.loads(Path(eval_results).read_text()))
+        plot_dir = Path(eval_results).parent / "plots"
         if plot_dir.is_dir():
             (out / "plots").mkdir()
             for png in sorted(plot_dir.glob("*.png")):
@@ -128,9 +127,9 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
 
 
 def main(argv: list[str]):
-    from align.trees.cli import _Parser
+    from align.errors import ArgumentParser
 
-    parser = _Parser(prog="align publish")
+    parser = ArgumentParser(prog="align publish")
     parser.add_argument("stage_output", help="a stage's output folder (adapter or full model)")
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--merge", action="store_true", help="publish the base with the adapter merged in")

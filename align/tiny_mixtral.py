@@ -79,15 +79,13 @@ def build_char_tokenizer():
     """A character-level tokenizer (printable ASCII and newline) with the Mixtral chat template."""
     import string
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
     vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    from tokenizers import decoders
-
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
                                         eos_token="</s>", pad_token="<pad>")

@@ -23,7 +23,7 @@ class RouterStats:
     def __init__(self, model: nn.Module):
         self.layers: list[tuple[int, int]] = []  # (layer index, num_experts)
         self._handles = []
-        self.reset_counts: list[torch.Tensor] = []
+        self._counts: list[torch.Tensor] = []
         self._entropy_sum: list[float] = []
         self._tokens: list[int] = []
         for i, (_, block) in enumerate(find_moe_blocks(model)):
@@ -32,7 +32,7 @@ class RouterStats:
             num_experts = getattr(base, "num_experts", None) or base.weight.shape[0]
             top_k = getattr(base, "top_k", None) or getattr(block, "top_k", 2)
             self.layers.append((i, num_experts))
-            self.reset_counts.append(torch.zeros(num_experts, dtype=torch.float64))
+            self._counts.append(torch.zeros(num_experts, dtype=torch.float64))
             self._entropy_sum.append(0.0)
             self._tokens.append(0)
             self._handles.append(base.register_forward_hook(self._make_hook(i, num_experts, top_k)))
@@ -51,7 +51,7 @@ class RouterStats:
                     indices = logits.topk(top_k, dim=-1).indices
                 probs = logits.softmax(-1)
                 entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-                self.reset_counts[slot] += torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts).double()
+                self._counts[slot] += torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts).double()
                 self._entropy_sum[slot] += float(entropy.sum())
                 self._tokens[slot] += logits.shape[0]
 
@@ -62,10 +62,10 @@ class RouterStats:
         out: dict[str, float] = {}
         max_load, min_entropy = 0.0, float("inf")
         for slot, (layer, num_experts) in enumerate(self.layers):
-            total = float(self.reset_counts[slot].sum())
+            total = float(self._counts[slot].sum())
             if total == 0:
                 continue
-            loads = (self.reset_counts[slot] / total).tolist()
+            loads = (self._counts[slot] / total).tolist()
             for e, frac in enumerate(loads):
                 out[f"router/layer_{layer}/expert_{e}"] = round(frac, 5)
             entropy = self._entropy_sum[slot] / max(self._tokens[slot], 1)
@@ -77,7 +77,7 @@ class RouterStats:
             out["router/min_entropy"] = round(min_entropy, 5)
         if reset:
             for slot in range(len(self.layers)):
-                self.reset_counts[slot].zero_()
+                self._counts[slot].zero_()
                 self._entropy_sum[slot] = 0.0
                 self._tokens[slot] = 0
         return out

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 
-from align.errors import AlignError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad usage as our one-line error (exit 2)."""
-
-    def error(self, message):
-        raise AlignError(f"{self.prog}: {message}")
+from align.errors import AlignError, ArgumentParser
 
 
 def trees_main(argv: list[str]):
-    parser = _Parser(prog="align trees")
+    parser = ArgumentParser(prog="align trees")
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build trees from a recipe (reruns resume)")
     b.add_argument("--config", required=True)
@@ -71,7 +63,7 @@ def trees_main(argv: list[str]):
 
 def verify_main(argv: list[str]):
     """One JSON verdict per response row, then `N passed, M failed`."""
-    parser = _Parser(prog="align verify")
+    parser = ArgumentParser(prog="align verify")
     parser.add_argument("--problems", required=True, help="problems (dataset path or humaneval / arithmetic:N:SEED)")
     parser.add_argument("--responses", required=True, help="jsonl rows with problem_id (or id) and response")
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -108,7 +100,7 @@ def verify_main(argv: list[str]):
 
 
 def sandbox_main(argv: list[str]):
-    parser = _Parser(prog="align sandbox")
+    parser = ArgumentParser(prog="align sandbox")
     sub = parser.add_subparsers(dest="action", required=True)
     r = sub.add_parser("run", help="run one Python file in the sandbox and print the JSON verdict")
     r.add_argument("file")

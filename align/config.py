@@ -58,6 +58,17 @@ class ModelArguments:
         metadata={"help": "fused: LoRA on experts/router without building W + B·A (align/moe/fused_lora.py); "
                   "peft: PEFT's ParamWrapper path. Modules the fused path can't serve fall back to peft, logged."},
     )
+    experts_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA for MoE: quantise each fused expert stack to NF4 per expert (bitsandbytes' functional "
+                  "API) and dequantise it one layer at a time inside the fused forward and backward "
+                  "(align/moe/nf4.py). A folder saved by align.moe.nf4.save_quantized loads as it is."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: bitsandbytes NF4 for the nn.Linear layers (attention) plus experts_4bit for the "
+                  "expert stacks, which bitsandbytes alone leaves in 16 bits."},
+    )
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the base with the adapter merged in, to <output_dir>/merged."}
     )

@@ -36,6 +36,13 @@ def check_model_args(model_args) -> None:
         raise AlignError(f"recipe: key 'moe_lora_backend' must be fused or peft, got {model_args.moe_lora_backend!r}")
     if model_args.lora_r <= 0:
         raise AlignError(f"recipe: key 'lora_r' must be positive, got {model_args.lora_r}")
+    if model_args.experts_4bit or model_args.load_in_4bit:
+        key = "load_in_4bit" if model_args.load_in_4bit else "experts_4bit"
+        if not model_args.use_lora:
+            raise AlignError(f"recipe: {key}: true trains LoRA on a frozen 4-bit base; it needs use_lora: true")
+        if model_args.save_merged_model:
+            raise AlignError(f"recipe: {key}: true cannot save_merged_model (merging into 4-bit weights loses the "
+                             "update); merge the adapter into the 16-bit base instead")
 
 
 def load_tokenizer(model_path: str):
@@ -49,25 +56,33 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def _from_pretrained(model_path: str, **kwargs):
+    """`from_pretrained`, or our loader for a base saved with NF4 expert stacks (align.moe.nf4)."""
+    from transformers import AutoModelForCausalLM
+
+    from align.moe.nf4 import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(model_path):
+        dtype = kwargs.pop("dtype", None)
+        return load_quantized(model_path, dtype=None if dtype == "auto" else dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+
+
 def load_for_generation(model_path: str, adapter: str | None = None, dtype: str = "float32"):
     """A model (plus an optional adapter) in eval mode for sampling, with router-logit output off (the
     aux-loss code path breaks cached, padded generation)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_path), dtype=getattr(torch, dtype))
+    model = _from_pretrained(resolve_model_path(model_path), dtype=getattr(torch, dtype))
     model.config.output_router_logits = False
     if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     return model.eval()
 
 
 def load_model(model_args, gradient_checkpointing: bool = False):
     """The base model (plus the starting adapter, trainable, when the recipe names one)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     kwargs = {}
@@ -79,14 +94,31 @@ def load_model(model_args, gradient_checkpointing: bool = False):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.experts_implementation:
         kwargs["experts_implementation"] = model_args.experts_implementation
+    if model_args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = kwargs["dtype"] if kwargs["dtype"] != "auto" else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model = _from_pretrained(model_path, **kwargs)
     except OSError as err:
         raise AlignError(f"model_name_or_path: {model_args.model_name_or_path} could not be loaded ({err})") from None
+    if model_args.experts_4bit or model_args.load_in_4bit:
+        from align.moe.nf4 import nf4_stack_count, quantize_experts_nf4
+
+        quantize_experts_nf4(model)
+        if not nf4_stack_count(model):
+            raise AlignError(f"model_name_or_path: {model_args.model_name_or_path} has no fused expert stacks to "
+                             "quantise (experts_4bit)")
     if gradient_checkpointing:
         model.config.use_cache = False
     if model_args.adapter_name_or_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
+        model = load_adapter(model, model_args.adapter_name_or_path, is_trainable=True)
     return model, model_path
+
+
+def load_adapter(model, adapter: str, is_trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)

@@ -108,6 +108,15 @@ def test_nca_needs_nca_loss(tmp_path, capsys):
     assert "loss_type" in line and "nca_pair" in line
 
 
+@pytest.mark.parametrize("key,changes,words", [
+    ("experts_4bit", {"use_lora": False}, "use_lora"),
+    ("load_in_4bit", {"save_merged_model": True}, "save_merged_model"),
+])
+def test_4bit_refuses_what_it_cannot_do(tmp_path, capsys, key, changes, words):
+    line = _run(capsys, ["sft", "--config", str(_recipe(tmp_path, **{key: True}, **changes))])
+    assert key in line and words in line
+
+
 def test_attention_only_model_rejects_expert_lora():
     from transformers import LlamaConfig, LlamaForCausalLM
 

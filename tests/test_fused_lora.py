@@ -190,3 +190,36 @@ def test_short_sft_same_loss_curve_and_adapters_round_trip(tmp_path):
         fused = model(input_ids=ids).logits
     assert report["fused_experts"] == 2 and report["fused_routers"] == 2
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_layout_is_checked_against_the_installed_peft(monkeypatch):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    model = _tiny()
+    with torch.no_grad():  # a fresh adapter: B is zero, which any layout would reproduce
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    original = ParamWrapper.get_delta_factors
+
+    def another_layout(self, adapter):  # as if a PEFT release ordered the experts of B differently
+        lhs, rhs, scaling = original(self, adapter)
+        return lhs.flip(0), rhs, scaling
+
+    monkeypatch.setattr(ParamWrapper, "get_delta_factors", another_layout)
+    report = apply_moe_lora_backend(model, "fused")
+    assert report["fused_experts"] == 0 and any("layout" in r for r in report["fallbacks"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)  # probe undone
+
+
+def test_bf16_router_whose_rows_are_under_16_bytes():
+    """4 experts in bf16: router logits rows of 8 bytes, which grouped GEMM kernels refuse."""
+    peft_model = _tiny(num_experts=4, dtype=torch.bfloat16)
+    fused_model = copy.deepcopy(peft_model)
+    assert apply_moe_lora_backend(fused_model, "fused")["fused_routers"] == 1
+    x = torch.randn(1, 5, 32, dtype=torch.bfloat16)
+    ref_out, ref_dx, _ = _run_block(peft_model, x)
+    out, dx, grads = _run_block(fused_model, x)
+    assert _rel(out, ref_out) < 1e-2 and _rel(dx, ref_dx) < 1e-2
+    assert any(".gate." in n and "lora_B" in n for n in grads)

@@ -34,6 +34,8 @@ KNOWN_ROUTERS = {"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter"
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [S, in] times per-group weight [G, in, out] over row groups ending at `offs` -> [S, out]."""
+    if weight.shape[0] == 1:  # the router: one group is a plain matmul, free of grouped GEMM's 16-byte strides
+        return x @ weight[0]  # (a 16-bit router with 4 or 60 experts has rows of 8 or 120 bytes)
     from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
     return transformers_grouped_mm(x, weight, offs=offs)
@@ -48,16 +50,20 @@ class LoraGroupedLinear(torch.autograd.Function):
     """y = grouped(x, Wᵀ) + s·grouped(grouped(x, Aᵀ), Bᵀ) with W [G, out, in] frozen, A [G, r, in], B [G, out, r].
 
     Backward: dx = grouped(dy, W) + s·grouped(grouped(dy, B), A); per group dA = s·(dy·B)ᵀ·x and
-    dB = s·dyᵀ·(x·Aᵀ). No gradient for W; saved: x and x·Aᵀ (r columns).
+    dB = s·dyᵀ·(x·Aᵀ). No gradient for W; saved: x and x·Aᵀ (r columns). Without LoRA (A, B None) only
+    dx. With `reload` (a 4-bit base) W is not saved either: the backward dequantises it again.
     """
 
     @staticmethod
-    def forward(ctx, x, offs, weight, lora_a, lora_b, scaling):
-        xa = _grouped_mm(x, lora_a.transpose(-2, -1), offs)  # [S, r]
+    def forward(ctx, x, offs, weight, lora_a, lora_b, scaling, reload):
         y = _grouped_mm(x, weight.transpose(-2, -1), offs)
-        y = y + scaling * _grouped_mm(xa, lora_b.transpose(-2, -1), offs).to(y.dtype)
-        ctx.save_for_backward(x, xa, offs, weight, lora_a, lora_b)
+        xa = None
+        if lora_a is not None:
+            xa = _grouped_mm(x, lora_a.transpose(-2, -1), offs)  # [S, r]
+            y = y + scaling * _grouped_mm(xa, lora_b.transpose(-2, -1), offs).to(y.dtype)
+        ctx.reload = reload
         ctx.scaling = scaling
+        ctx.save_for_backward(x, xa, offs, None if reload else weight, lora_a, lora_b)
         return y
 
     @staticmethod
@@ -65,23 +71,32 @@ class LoraGroupedLinear(torch.autograd.Function):
         x, xa, offs, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         dy = dy.contiguous()
-        dyb = _grouped_mm(dy, lora_b, offs)  # [S, r]: dy·B per group
-        dx = None
+        has_lora = lora_a is not None
+        dyb = _grouped_mm(dy, lora_b, offs) if has_lora else None  # [S, r]: dy·B per group
+        dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = _grouped_mm(dy, weight, offs) + s * _grouped_mm(dyb, lora_a, offs).to(dy.dtype)
-        da = torch.zeros_like(lora_a)
-        db = torch.zeros_like(lora_b)
-        for g, (start, end) in enumerate(_group_bounds(offs)):
-            if end > start:  # an expert that got no tokens gets zero gradients
-                da[g] = s * (dyb[start:end].transpose(0, 1) @ x[start:end].to(dyb.dtype)).to(da.dtype)
-                db[g] = s * (dy[start:end].transpose(0, 1) @ xa[start:end].to(dy.dtype)).to(db.dtype)
-        return dx, None, None, da, db, None
+            weight = ctx.reload() if ctx.reload is not None else weight
+            dx = _grouped_mm(dy, weight, offs)
+            del weight
+            if has_lora:
+                dx = dx + s * _grouped_mm(dyb, lora_a, offs).to(dy.dtype)
+        if has_lora:
+            da = torch.zeros_like(lora_a)
+            db = torch.zeros_like(lora_b)
+            for g, (start, end) in enumerate(_group_bounds(offs)):
+                if end > start:  # an expert that got no tokens gets zero gradients
+                    da[g] = s * (dyb[start:end].transpose(0, 1) @ x[start:end].to(dyb.dtype)).to(da.dtype)
+                    db[g] = s * (dy[start:end].transpose(0, 1) @ xa[start:end].to(dy.dtype)).to(db.dtype)
+        return dx, None, None, da, db, None, None
 
 
-def lora_grouped_linear(x, offs, weight, lora=None):
-    """`lora` is (A [G, r, in], B [G, out, r], scaling) or None for the plain frozen base."""
+def lora_grouped_linear(x, offs, weight, reload=None, lora=None):
+    """`lora` is (A [G, r, in], B [G, out, r], scaling) or None for the plain frozen base; `reload` gives
+    `weight` again for the backward (a dequantised 4-bit stack, then not kept alive in between)."""
     if lora is None:
-        return _grouped_mm(x, weight.transpose(-2, -1), offs)
+        if reload is None:
+            return _grouped_mm(x, weight.transpose(-2, -1), offs)
+        return LoraGroupedLinear.apply(x, offs, weight, None, None, 0.0, reload)
     a, b, s = lora
     a, b = a.to(weight.dtype), b.to(weight.dtype)
     # Grouped GEMM kernels want 16-byte strides: zero-pad the rank (the padded rows/columns stay zero and
@@ -91,7 +106,18 @@ def lora_grouped_linear(x, offs, weight, lora=None):
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
         b = torch.nn.functional.pad(b, (0, pad))
-    return LoraGroupedLinear.apply(x, offs, weight, a.contiguous(), b.contiguous(), float(s))
+    return LoraGroupedLinear.apply(x, offs, weight, a.contiguous(), b.contiguous(), float(s), reload)
+
+
+def _frozen_stack(experts, name):
+    """(the stack as a tensor, a reload callable or None): NF4 stacks are dequantised here and again in the
+    backward; plain stacks are used as they are."""
+    from align.moe.nf4 import is_nf4
+
+    stack = getattr(experts, name)
+    if is_nf4(stack):
+        return stack.dequantize(), stack.dequantize
+    return stack, None
 
 
 # ---------------------------------------------------------------- reading PEFT's adapters
@@ -105,16 +131,43 @@ def _active_lora(wrapper) -> tuple | None | str:
         return None
     if len(active) > 1:
         return "unsupported"
-    name = active[0]
+    return _lora_factors(wrapper, active[0])
+
+
+def _lora_factors(wrapper, name):
+    """A [E, r, in], B [E, out, r], scaling as views of PEFT's lora_A [E·r, in] (expert-major) and lora_B
+    [out, r·E] (rank-major). `check_peft_layout` holds this against the installed PEFT's own
+    `get_delta_factors`, which we don't call per step: it reads (and for a 4-bit stack dequantises) the base."""
+    a = wrapper.lora_A[name].weight
+    b = wrapper.lora_B[name].weight
     if wrapper.num_experts == 1:  # a 2-D parameter (the router): plain LoRA, delta = s·B·A of shape [out, in]
-        a = wrapper.lora_A[name].weight  # [r, in]
-        b = wrapper.lora_B[name].weight  # [out, r]
         return a.unsqueeze(0), b.unsqueeze(0), wrapper.scaling[name]
-    # PEFT's own factorisation, so the layout always matches the installed PEFT: delta = s·lhs·rhs.
-    lhs, rhs, scaling = wrapper.get_delta_factors(name)
+    experts = wrapper.num_experts
+    return a.reshape(experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, experts).permute(2, 0, 1), wrapper.scaling[name]
+
+
+def check_peft_layout(wrapper) -> str | None:
+    """None when our reading of the adapter equals PEFT's own factorisation, else why not."""
+    if wrapper.num_experts == 1 or not wrapper.lora_A:
+        return None
     if not wrapper._did_swap_in_out_features:  # noqa: SLF001 - experts stored as [E, in, out]
-        raise NotImplementedError("transposed expert layout")
-    return rhs, lhs, scaling  # A [E, r, in], B [E, out, r]
+        return "transposed expert layout"
+    name = next(iter(wrapper.lora_A))
+    weights = (wrapper.lora_A[name].weight, wrapper.lora_B[name].weight)
+    saved = [w.detach().clone() for w in weights]
+    try:
+        with torch.no_grad():  # distinct values: a fresh B is all zeros and would match any layout
+            for w in weights:
+                w.normal_()
+            lhs, rhs, scaling = wrapper.get_delta_factors(name)
+            a, b, ours = _lora_factors(wrapper, name)
+            same = (scaling == ours and lhs.shape == b.shape and rhs.shape == a.shape
+                    and torch.equal(lhs, b.to(lhs.dtype)) and torch.equal(rhs, a.to(rhs.dtype)))
+    finally:
+        with torch.no_grad():
+            for w, old in zip(weights, saved):
+                w.copy_(old)
+    return None if same else "the installed PEFT stores expert LoRA in another layout"
 
 
 def _wrapper_chain(module) -> tuple[dict, nn.Module]:
@@ -147,9 +200,9 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args
     counts = torch.bincount(expert_ids_sorted, minlength=num_experts)[:num_experts]
     offs = torch.cumsum(counts, 0).to(torch.int32)
 
-    h = lora_grouped_linear(x, offs, experts.gate_up_proj, lora_gu)
+    h = lora_grouped_linear(x, offs, *_frozen_stack(experts, "gate_up_proj"), lora=lora_gu)
     gate, up = h.chunk(2, dim=-1)
-    y = lora_grouped_linear(experts.act_fn(gate) * up, offs, experts.down_proj, lora_d)
+    y = lora_grouped_linear(experts.act_fn(gate) * up, offs, *_frozen_stack(experts, "down_proj"), lora=lora_d)
     y = y * weights.unsqueeze(-1)
     out = torch.zeros_like(hidden_states)
     return out.index_add(0, token_idx, y.to(out.dtype))
@@ -159,7 +212,7 @@ def _fused_route(router, lora, hidden_states):
     """The router's own computation with its logits through the LoRA grouped linear (one group)."""
     x = hidden_states.reshape(-1, router.hidden_dim)
     offs = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
-    logits = lora_grouped_linear(x, offs, router.weight.unsqueeze(0), lora)
+    logits = lora_grouped_linear(x, offs, router.weight.unsqueeze(0), lora=lora)
     probs = torch.softmax(logits.float(), dim=-1)
     top_value, top_index = torch.topk(probs, router.top_k, dim=-1)
     if getattr(router, "norm_topk_prob", True):
@@ -201,6 +254,10 @@ def _why_experts_unsupported(wrapper) -> str | None:
     if any(w.lora_dropout and not isinstance(next(iter(w.lora_dropout.values()), nn.Identity()), nn.Identity)
            for w in wrappers.values()):
         return "LoRA dropout"
+    for wrapper in wrappers.values():
+        reason = check_peft_layout(wrapper)
+        if reason:
+            return reason
     return None
 
 
@@ -210,12 +267,11 @@ def apply_moe_lora_backend(model: nn.Module, backend: str = "fused") -> dict:
     Returns {"fused_experts": n, "fused_routers": n, "fallbacks": [reasons]}; `peft` leaves PEFT's path.
     """
     from align.moe.lora import find_moe_blocks
-
+    if backend not in ("fused", "peft"):
+        raise ValueError(f"moe_lora_backend must be fused or peft, got {backend!r}")
     report = {"backend": backend, "fused_experts": 0, "fused_routers": 0, "fallbacks": []}
     if backend == "peft":
         return report
-    if backend != "fused":
-        raise ValueError(f"moe_lora_backend must be fused or peft, got {backend!r}")
     from peft.tuners.lora.layer import ParamWrapper
 
     for name, block in find_moe_blocks(model):

@@ -1,0 +1,281 @@
+"""4-bit (NF4) fused expert stacks: QLoRA for MoE.
+
+bitsandbytes' `load_in_4bit` replaces `nn.Linear` layers only, so a transformers 5.x Mixtral keeps its fused
+3-D expert stacks (about 90% of the weights) in bf16 (bitsandbytes issue #1849). Here each stack
+`[E, out, in]` is quantised per expert with bitsandbytes' functional API (NF4, blocks of 64, one float32
+absmax per block) and kept packed, two weights per byte.
+
+The packed bytes live in a tensor subclass (`Nf4Tensor`) that reads as the `[E, out, in]` stack, so the
+model's own experts implementations, generation and PEFT's `target_parameters` work on it unchanged. (A
+`torch.nn.utils.parametrize` dequantiser was tried first: PEFT then matches targets by full name only,
+nests the two stacks' wrappers in the other order, which renames adapter keys, and leaves its LoRA proxy
+behind after each forward.) What makes it cheap is the experts forward installed here and the fused LoRA
+path (`fused_lora.py`): they dequantise one stack at a time inside the forward and again inside the
+backward, and never keep a dequantised stack alive between the two, where a plain autograd graph keeps
+every layer's 16-bit stack until the backward.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BLOCKSIZE = 64
+CONFIG_KEY = "align_nf4_experts"  # in config.json of a saved quantised base: {"blocksize": 64}
+STACKS = ("gate_up_proj", "down_proj")
+
+
+aten = torch.ops.aten
+
+
+def _dequantize(packed, absmax, shape, dtype, blocksize):
+    import bitsandbytes.functional as bnbf
+
+    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=bnbf.get_4bit_type("nf4", device=packed.device),
+                            blocksize=blocksize, quant_type="nf4", dtype=dtype)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+class Nf4Tensor(torch.Tensor):
+    """An `[E, out, in]` expert stack stored as NF4 bytes that reads as a tensor of `dtype`.
+
+    Every op but moves, views of itself and copies dequantises first, so the model's own experts forward,
+    generation and PEFT's `target_parameters` (which wraps, nests and names it as it would the 16-bit
+    stack, so adapters stay interchangeable) all see the stack they expect. Indexing one expert
+    dequantises that expert alone. The fused path calls `dequantize()` itself, inside its own GEMMs.
+    """
+
+    @staticmethod
+    def __new__(cls, packed, absmax, shape, dtype, blocksize=BLOCKSIZE):
+        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=dtype, device=packed.device,
+                                                   requires_grad=False)
+
+    def __init__(self, packed, absmax, shape, dtype, blocksize=BLOCKSIZE):
+        self.packed = packed  # uint8 [E·out·in/2, 1]
+        self.absmax = absmax  # float32 [E·out·in/blocksize], experts back to back
+        self.blocksize = blocksize
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _dequantize(self.packed, self.absmax, self.shape, dtype or self.dtype, self.blocksize)
+
+    def expert(self, index: int) -> torch.Tensor:
+        per_expert = self.shape[1] * self.shape[2]
+        packed = self.packed[index * per_expert // 2:(index + 1) * per_expert // 2]
+        absmax = self.absmax[index * per_expert // self.blocksize:(index + 1) * per_expert // self.blocksize]
+        return _dequantize(packed, absmax, self.shape[1:], self.dtype, self.blocksize)
+
+    def _like(self, packed=None, absmax=None, dtype=None):
+        return Nf4Tensor(self.packed if packed is None else packed, self.absmax if absmax is None else absmax,
+                         self.shape, dtype or self.dtype, self.blocksize)
+
+    def __tensor_flatten__(self):
+        return ["packed", "absmax"], (tuple(self.shape), self.dtype, self.blocksize)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        shape, dtype, blocksize = meta
+        return Nf4Tensor(inner["packed"], inner["absmax"], shape, dtype, blocksize)
+
+    def __repr__(self, **kwargs):
+        return f"Nf4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, blocksize={self.blocksize})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (aten.detach.default, aten.alias.default):
+            return args[0]._like()
+        if func is aten.clone.default:
+            return args[0]._like(args[0].packed.clone(), args[0].absmax.clone())
+        if func is aten._to_copy.default:
+            t, device = args[0], kwargs.get("device")
+            move = (lambda x: x.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else (lambda x: x)
+            return t._like(move(t.packed), move(t.absmax), kwargs.get("dtype"))
+        if func is aten.select.int and args[1] == 0:
+            return args[0].expert(args[2] % args[0].shape[0])
+        if func in (aten.copy_.default, aten.set_.source_Tensor) and isinstance(args[0], Nf4Tensor):
+            raise RuntimeError("an NF4 expert stack is frozen: quantise a new one instead of copying into it")
+        from torch.utils._pytree import tree_map_only
+
+        args, kwargs = tree_map_only(Nf4Tensor, lambda t: t.dequantize(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def quantize_stack(stack: torch.Tensor, blocksize: int = BLOCKSIZE, compute_device=None) -> Nf4Tensor:
+    """The stack quantised per expert (NF4, one float32 absmax per block), on the stack's own device.
+
+    Blocks never straddle two experts (each expert's size is a multiple of the block), so the per-expert
+    results laid back to back dequantise as one tensor.
+    """
+    import bitsandbytes.functional as bnbf
+
+    if stack[0].numel() % blocksize:
+        raise ValueError(f"expert size {tuple(stack.shape[1:])} is not a multiple of the NF4 block ({blocksize})")
+    compute_device = compute_device or stack.device
+    packed, absmax = [], []
+    for expert in stack.detach():
+        q, state = bnbf.quantize_4bit(expert.to(compute_device), blocksize=blocksize, quant_type="nf4",
+                                      compress_statistics=False)
+        packed.append(q.to(stack.device))
+        absmax.append(state.absmax.float().to(stack.device))
+    return Nf4Tensor(torch.cat(packed).view(-1, 1), torch.cat(absmax), stack.shape, stack.dtype, blocksize)
+
+
+def is_nf4(tensor) -> bool:
+    return isinstance(tensor, Nf4Tensor)
+
+
+def find_experts(model: nn.Module):
+    """(name, experts module) of every fused expert container (3-D gate_up_proj/down_proj stacks)."""
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if all(s in params and params[s].dim() == 3 for s in STACKS) and hasattr(module, "act_fn"):
+            yield name, module
+
+
+def quantize_experts_nf4(model: nn.Module, blocksize: int = BLOCKSIZE, compute_device=None) -> int:
+    """Quantise every fused expert stack of `model` in place; returns how many stacks were quantised.
+
+    `compute_device` (default: CUDA when present) runs the quantisation kernel; the packed bytes stay on
+    the stack's own device.
+    """
+    if compute_device is None and torch.cuda.is_available():
+        compute_device = torch.device("cuda")
+    count = 0
+    for _, experts in find_experts(model):
+        for name in STACKS:
+            stack = getattr(experts, name)
+            if is_nf4(stack):
+                continue
+            setattr(experts, name, nn.Parameter(quantize_stack(stack, blocksize, compute_device), requires_grad=False))
+            del stack
+            count += 1
+        install_experts_forward(experts)
+    if count and hasattr(model, "config"):
+        model.config.__dict__[CONFIG_KEY] = {"blocksize": blocksize}
+    return count
+
+
+def install_experts_forward(experts: nn.Module) -> None:
+    """The experts' own forward becomes the memory-lean grouped path (no LoRA): a dequantised stack lives
+    only inside its own GEMMs and is dequantised again for the backward. When PEFT's LoRA proxy sits on a
+    stack (the `peft` backend), the model's own forward runs on PEFT's W + B·A: dequantise-then-PEFT."""
+    if "_nf4_original_forward" in experts.__dict__:
+        return
+    experts._nf4_original_forward = experts.forward
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        from align.moe.fused_lora import fused_experts_forward
+
+        if all(is_nf4(getattr(self, name)) for name in STACKS):
+            return fused_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return self._nf4_original_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+
+    experts.forward = types.MethodType(forward, experts)
+
+
+def nf4_stack_count(model: nn.Module) -> int:
+    return sum(is_nf4(p) for p in model.parameters())
+
+
+# ---------------------------------------------------------------- saving and loading a quantised base
+def save_quantized(model: nn.Module, folder: str | Path) -> None:
+    """config.json (with the NF4 marker) and model.safetensors: each NF4 stack as `<name>.nf4_packed` and
+    `<name>.nf4_absmax`, everything else as it is."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, blocksize = {}, None
+    for name, tensor in model.state_dict().items():
+        if is_nf4(tensor):
+            state[f"{name}.nf4_packed"] = tensor.packed.contiguous()
+            state[f"{name}.nf4_absmax"] = tensor.absmax.contiguous()
+            blocksize = tensor.blocksize
+        else:
+            state[name] = tensor.contiguous()
+    if blocksize is None:
+        raise ValueError("the model has no NF4 expert stacks to save")
+    model.config.__dict__[CONFIG_KEY] = {"blocksize": blocksize}
+    model.config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def is_quantized_checkpoint(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    return config.is_file() and CONFIG_KEY in json.loads(config.read_text())
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype | None = None, **config_overrides) -> nn.Module:
+    """Rebuild the architecture without allocating weights, then assign the saved tensors: NF4 stacks as
+    they were saved (nothing is dequantised), the rest in `dtype`."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, **config_overrides)
+    blocksize = getattr(config, CONFIG_KEY, {}).get("blocksize", BLOCKSIZE)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    saved = load_file(str(folder / "model.safetensors"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stacks = set()
+    for module_name, experts in find_experts(model):
+        for name in STACKS:
+            key = f"{module_name}.{name}"
+            if f"{key}.nf4_packed" in saved:
+                stack = Nf4Tensor(saved.pop(f"{key}.nf4_packed"), saved.pop(f"{key}.nf4_absmax"),
+                                  getattr(experts, name).shape, dtype, blocksize)
+                setattr(experts, name, nn.Parameter(stack, requires_grad=False))
+                stacks.add(key)
+        install_experts_forward(experts)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in saved.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(result.missing_keys) - stacks
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: model.safetensors does not match the config: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:3]}")
+    _rebuild_meta_buffers(model)
+    model.tie_weights()
+    return model.eval()
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) aren't in the file: build them again."""
+    for name, module in model.named_modules():
+        if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
+            if "rotary" not in type(module).__name__.lower():
+                raise ValueError(f"{name}: buffer missing from the quantised checkpoint")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, type(module)(config=model.config))
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    """`align quantize MODEL OUTPUT`: quantise once, then point recipes' model_name_or_path at OUTPUT."""
+    from align.errors import AlignError, ArgumentParser
+
+    parser = ArgumentParser(prog="align quantize", description=quantize_main.__doc__)
+    parser.add_argument("model", help="hub id or folder of a Mixtral-type model (or tiny-mixtral)")
+    parser.add_argument("output", help="folder to write (config, tokenizer, model.safetensors)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the non-expert weights and of the dequantised experts")
+    args = parser.parse_args(argv)
+    if Path(args.output).exists() and any(Path(args.output).iterdir()):
+        raise AlignError(f"output: {args.output} exists and is not empty")
+    from transformers import AutoModelForCausalLM
+
+    from align.models import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    count = quantize_experts_nf4(model)
+    if not count:
+        raise AlignError(f"model: {args.model} has no fused expert stacks to quantise")
+    save_quantized(model, args.output)
+    load_tokenizer(path).save_pretrained(args.output)
+    print(f"[align] quantize: {count} expert stacks in NF4 written to {args.output}")
+    return 0

@@ -208,7 +208,9 @@ def test_adapter_layout_is_checked_against_the_installed_peft(monkeypatch):
         return lhs.flip(0), rhs, scaling
 
     monkeypatch.setattr(ParamWrapper, "get_delta_factors", another_layout)
+    rng = torch.get_rng_state()
     report = apply_moe_lora_backend(model, "fused")
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the training run's random stream alone
     assert report["fused_experts"] == 0 and any("layout" in r for r in report["fallbacks"])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)  # probe undone
 

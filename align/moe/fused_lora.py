@@ -157,8 +157,9 @@ def check_peft_layout(wrapper) -> str | None:
     saved = [w.detach().clone() for w in weights]
     try:
         with torch.no_grad():  # distinct values: a fresh B is all zeros and would match any layout
+            generator = torch.Generator(device=weights[0].device).manual_seed(0)  # leaves the global RNG alone
             for w in weights:
-                w.normal_()
+                w.copy_(torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype))
             lhs, rhs, scaling = wrapper.get_delta_factors(name)
             a, b, ours = _lora_factors(wrapper, name)
             same = (scaling == ours and lhs.shape == b.shape and rhs.shape == a.shape

@@ -63,6 +63,9 @@ def _from_pretrained(model_path: str, **kwargs):
     from align.moe.nf4 import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(model_path):
+        if "quantization_config" in kwargs:
+            raise AlignError(f"model_name_or_path: {model_path} was saved by `align quantize` (NF4 experts); "
+                             "use experts_4bit: true, not load_in_4bit")
         dtype = kwargs.pop("dtype", None)
         return load_quantized(model_path, dtype=None if dtype == "auto" else dtype, **kwargs)
     return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
@@ -76,7 +79,9 @@ def load_for_generation(model_path: str, adapter: str | None = None, dtype: str 
     model = _from_pretrained(resolve_model_path(model_path), dtype=getattr(torch, dtype))
     model.config.output_router_logits = False
     if adapter:
-        model = load_adapter(model, adapter)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
 
 
@@ -114,11 +119,7 @@ def load_model(model_args, gradient_checkpointing: bool = False):
     if gradient_checkpointing:
         model.config.use_cache = False
     if model_args.adapter_name_or_path:
-        model = load_adapter(model, model_args.adapter_name_or_path, is_trainable=True)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
     return model, model_path
-
-
-def load_adapter(model, adapter: str, is_trainable: bool = False):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, adapter, is_trainable=is_trainable)

@@ -34,7 +34,7 @@ def build_model(args):
     from torch import nn
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from align.moe.nf4 import install_experts_forward, quantize_stack
+    from align.moe.nf4 import install_experts_forward, quantize_stack, rebuild_meta_buffers
 
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -55,8 +55,7 @@ def build_model(args):
             setattr(module, name, nn.Parameter(real, requires_grad=False))
         if args.experts_4bit and hasattr(module, "gate_up_proj"):
             install_experts_forward(module)
-    with device:
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    rebuild_meta_buffers(model, device)
     return model
 
 

@@ -156,6 +156,10 @@ def test_quantized_base_saves_and_loads(tmp_path):
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, quantized.eval()(input_ids=ids).logits, rtol=0, atol=0)
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="use experts_4bit: true, not load_in_4bit"):
+        load_model(ModelArguments(model_name_or_path=str(tmp_path), dtype="float32", load_in_4bit=True))
 
 
 def test_nf4_tensor_moves_and_copies_without_dequantising():

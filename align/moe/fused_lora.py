@@ -268,6 +268,7 @@ def apply_moe_lora_backend(model: nn.Module, backend: str = "fused") -> dict:
     Returns {"fused_experts": n, "fused_routers": n, "fallbacks": [reasons]}; `peft` leaves PEFT's path.
     """
     from align.moe.lora import find_moe_blocks
+
     if backend not in ("fused", "peft"):
         raise ValueError(f"moe_lora_backend must be fused or peft, got {backend!r}")
     report = {"backend": backend, "fused_experts": 0, "fused_routers": 0, "fallbacks": []}

@@ -129,11 +129,12 @@ def is_nf4(tensor) -> bool:
 
 
 def find_experts(model: nn.Module):
-    """(name, experts module) of every fused expert container (3-D gate_up_proj/down_proj stacks)."""
-    for name, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        if all(s in params and params[s].dim() == 3 for s in STACKS) and hasattr(module, "act_fn"):
-            yield name, module
+    """(name, experts module) of every MoE block's fused experts (under a PEFT wrapper, its base module)."""
+    from align.moe.lora import find_moe_blocks
+
+    for name, block in find_moe_blocks(model):
+        experts = block.experts
+        yield f"{name}.experts", experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
 
 
 def quantize_experts_nf4(model: nn.Module, blocksize: int = BLOCKSIZE, compute_device=None) -> int:
@@ -240,42 +241,17 @@ def load_quantized(folder: str | Path, dtype: torch.dtype | None = None, **confi
     if missing or result.unexpected_keys:
         raise ValueError(f"{folder}: model.safetensors does not match the config: missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(result.unexpected_keys)[:3]}")
-    _rebuild_meta_buffers(model)
+    rebuild_meta_buffers(model)
     model.tie_weights()
     return model.eval()
-def _rebuild_meta_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inverse frequencies) aren't in the file: build them again."""
+def rebuild_meta_buffers(model: nn.Module, device=None) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) of a model built on the meta device aren't in any
+    checkpoint: build those modules again, on `device`."""
     for name, module in model.named_modules():
         if any(b is not None and b.is_meta for b in module.buffers(recurse=False)):
             if "rotary" not in type(module).__name__.lower():
                 raise ValueError(f"{name}: buffer missing from the quantised checkpoint")
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, type(module)(config=model.config))
-
-
-def quantize_main(argv: list[str] | None = None) -> int:
-    """`align quantize MODEL OUTPUT`: quantise once, then point recipes' model_name_or_path at OUTPUT."""
-    from align.errors import AlignError, ArgumentParser
-
-    parser = ArgumentParser(prog="align quantize", description=quantize_main.__doc__)
-    parser.add_argument("model", help="hub id or folder of a Mixtral-type model (or tiny-mixtral)")
-    parser.add_argument("output", help="folder to write (config, tokenizer, model.safetensors)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="dtype of the non-expert weights and of the dequantised experts")
-    args = parser.parse_args(argv)
-    if Path(args.output).exists() and any(Path(args.output).iterdir()):
-        raise AlignError(f"output: {args.output} exists and is not empty")
-    from transformers import AutoModelForCausalLM
-
-    from align.models import load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
-    count = quantize_experts_nf4(model)
-    if not count:
-        raise AlignError(f"model: {args.model} has no fused expert stacks to quantise")
-    save_quantized(model, args.output)
-    load_tokenizer(path).save_pretrained(args.output)
-    print(f"[align] quantize: {count} expert stacks in NF4 written to {args.output}")
-    return 0
+            with torch.device(device or "cpu"):
+                setattr(parent, child, type(module)(config=model.config))

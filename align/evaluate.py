@@ -1,7 +1,9 @@
-"""`align eval`: pass@1 with greedy decoding on held-out problems, with the trees' verifiers.
+"""`align eval`: pass@1 with greedy decoding on held-out problems, with the trees' verifiers; with
+`turns: K` (2..5) also pass@k-turns, the observation critic in the loop as in the trees: a wrong answer
+gets its observation and "Your answer is wrong." as the next user turn, and the model tries again.
 
-Writes results.json (per model: pass@1 overall and per task, number of problems), results.md (the
-table, also printed), the answers of every model, and the plots of the runs it is told about.
+Writes results.json (per model: pass@1 overall and per task, pass@k-turns, number of problems),
+results.md (the table, also printed), the answers of every model, and the plots of the runs it is told about.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from align.errors import AlignError
 from align.trees.problems import Problem, load_problems
 from align.trees.sandbox import SandboxLimits
 from align.trees.verifiers import verify
+
+
+def check_turns(turns, where: str) -> int:
+    if not isinstance(turns, int) or isinstance(turns, bool) or not 1 <= turns <= 5:
+        raise AlignError(f"{where}: key 'turns' must be a whole number from 1 to 5, got {turns!r}")
+    return turns
 
 
 def score(problems: list[Problem], responses: list[str], limits: SandboxLimits | None = None) -> dict:
@@ -34,32 +42,45 @@ def score(problems: list[Problem], responses: list[str], limits: SandboxLimits |
     }
 
 
-def generate_greedy(model_path: str, adapter: str | None, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    import torch
-
-    from align.models import load_for_generation, load_tokenizer, resolve_model_path
-
-    tokenizer = load_tokenizer(adapter or resolve_model_path(model_path))
-    tokenizer.padding_side = "left"
-    model = load_for_generation(model_path, adapter)
+def generate_greedy(backend, chats: list[list[dict]], batch_size: int) -> list[str]:
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chats = [[{"role": "user", "content": p}] for p in prompts[i:i + batch_size]]
-        enc = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", padding=True,
-                                            return_dict=True)
-        with torch.no_grad():
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    for i in range(0, len(chats), batch_size):
+        out += [texts[0] for texts in backend.generate_batch([(chat, 1, 0) for chat in chats[i:i + batch_size]])]
     return out
+
+
+def multi_turn(backend, problems: list[Problem], first: list[str], first_correct: list[bool], turns: int,
+               batch_size: int) -> tuple[dict, list[list[dict]]]:
+    """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts."""
+    from align.trees.critic import feedback_turn
+
+    chats = [[{"role": "user", "content": p.instruction}, {"role": "assistant", "content": r}] for p, r in zip(problems, first)]
+    solved = list(first_correct)
+    later: list[list[dict]] = [[] for _ in problems]
+    rates = {"1": round(sum(solved) / len(problems), 4)}
+    for k in range(2, turns + 1):
+        todo = [i for i, ok in enumerate(solved) if not ok]
+        for i in todo:
+            chats[i].append({"role": "user", "content": feedback_turn(verify(problems[i], chats[i][-1]["content"]).observation)})
+        answers = generate_greedy(backend, [chats[i] for i in todo], batch_size)
+        for i, answer in zip(todo, answers):
+            chats[i].append({"role": "assistant", "content": answer})
+            solved[i] = verify(problems[i], answer).correct
+            later[i].append({"turn": k, "response": answer, "correct": solved[i]})
+        rates[str(k)] = round(sum(solved) / len(problems), 4)
+    return rates, later
 
 
 def markdown_table(results: dict) -> str:
     tasks = sorted({t for r in results["models"].values() for t in r["per_task"]})
-    lines = ["| model | pass@1 | " + " | ".join(f"{t} pass@1" for t in tasks) + " | problems |",
-             "|---|---|" + "---|" * len(tasks) + "---|"]
+    turns = sorted({int(k) for r in results["models"].values() for k in r.get("pass@turns", {}) if k != "1"})
+    lines = ["| model | pass@1 | " + "".join(f"{t} pass@1 | " for t in tasks) + "".join(f"pass@{k} turns | " for k in turns)
+             + "problems |", "|---|---|" + "---|" * (len(tasks) + len(turns)) + "---|"]
     for name, r in results["models"].items():
-        cells = " | ".join(f"{r['per_task'][t]['pass@1']:.1%}" if t in r["per_task"] else "" for t in tasks)
-        lines.append(f"| {name} | {r['pass@1']:.1%} | {cells} | {r['n']} |")
+        cells = "".join((f"{r['per_task'][t]['pass@1']:.1%}" if t in r["per_task"] else "") + " | " for t in tasks)
+        cells += "".join((f"{r['pass@turns'][str(k)]:.1%}" if str(k) in r.get("pass@turns", {}) else "") + " | "
+                         for k in turns)
+        lines.append(f"| {name} | {r['pass@1']:.1%} | {cells}{r['n']} |")
     return "\n".join(lines)
 
 
@@ -68,6 +89,8 @@ def run_eval(spec: dict, output: Path) -> dict:
     models = spec.get("models") or {}
     if not models:
         raise AlignError("eval: key 'models' is empty")
+    turns = check_turns(spec.get("turns", 1), "eval")
+    batch_size = int(spec.get("batch_size", 32))
     output.mkdir(parents=True, exist_ok=True)
     results = {"problems": spec["problems"], "models": {}}
     for name, m in models.items():
@@ -76,12 +99,19 @@ def run_eval(spec: dict, output: Path) -> dict:
         if m.get("adapter") and not Path(m["adapter"]).exists():
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
-        responses = generate_greedy(m["model"], m.get("adapter"), [p.instruction for p in problems],
-                                    int(spec.get("max_new_tokens", 256)), int(spec.get("batch_size", 32)))
+        from align.trees.backends import LocalBackend, ModelSpec
+
+        backend = LocalBackend(ModelSpec(model=m["model"], adapter=m.get("adapter"), temperature=0.0,
+                                         max_new_tokens=int(spec.get("max_new_tokens", 256))))
+        responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems], batch_size)
         scored = score(problems, responses)
+        correct = scored.pop("correct")
+        later = [[] for _ in problems]
+        if turns > 1:
+            scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size)
         with open(output / f"answers_{name}.jsonl", "w") as f:
-            for p, r, ok in zip(problems, responses, scored.pop("correct")):
-                f.write(json.dumps({"problem_id": p.id, "response": r, "correct": ok}) + "\n")
+            for p, r, ok, more in zip(problems, responses, correct, later):
+                f.write(json.dumps({"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}) + "\n")
         results["models"][name] = {**scored, "model": m["model"], "adapter": m.get("adapter")}
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "results.md").write_text(markdown_table(results) + "\n")

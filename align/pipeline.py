@@ -34,8 +34,8 @@ from align.config import load_recipe_file
 from align.errors import AlignError
 
 KINDS = ("data", "trees", "sft", "dpo", "kto", "nca", "eval", "publish")
-STAGE_KEYS = {"name", "kind", "recipe", "set", "enabled", "generator", "n", "seed", "digits", "split", "problems", "models", "runs",
-              "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size"}
+STAGE_KEYS = {"name", "kind", "recipe", "set", "enabled", "generator", "n", "seed", "digits", "split", "feedback", "problems", "models", "runs",
+              "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size", "turns"}
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
 
 
@@ -66,6 +66,14 @@ def load_pipeline(path: str) -> dict:
                 raise AlignError(f"{where} ({stage['name']}): key 'recipe' is required for kind {stage['kind']}")
             if not Path(stage["recipe"]).is_file():
                 raise AlignError(f"{where} ({stage['name']}): recipe {stage['recipe']} not found")
+        if stage["kind"] == "eval":
+            from align.evaluate import check_turns
+
+            check_turns(stage.get("turns", 1), f"{where} ({stage['name']})")
+        if stage["kind"] == "data":
+            from align.quickstart import check_feedback
+
+            check_feedback(stage.get("feedback", 0.0), f"{where} ({stage['name']})")
         for ref in REF.findall(json.dumps(stage)):
             if ref not in names:
                 raise AlignError(f"{where} ({stage['name']}): ${{{ref}}} names no earlier stage")

@@ -83,6 +83,13 @@ def test_pipeline_errors_before_running(tmp_path):
     bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "train"}]}))
     with pytest.raises(AlignError, match="kind must be one of"):
         load_pipeline(str(bad))
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "e", "kind": "eval", "problems": "p", "turns": 9}]}))
+    with pytest.raises(AlignError, match=r"stages\[0\] \(e\): key 'turns' must be a whole number from 1 to 5, got 9"):
+        load_pipeline(str(bad))
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "d", "kind": "data", "generator": "addition-sft",
+                                                                   "feedback": 1.5}]}))
+    with pytest.raises(AlignError, match=r"\(d\): key 'feedback' must be a fraction between 0 and 1, got 1.5"):
+        load_pipeline(str(bad))
 
 
 def test_quickstart_pipeline_validates():
@@ -121,6 +128,43 @@ def test_eval_metrics_on_fixed_answers():
     assert "| base | 50.0% | 0.0% | 100.0% | 50.0% | 4 |" in table
 
 
+class ScriptedBackend:
+    """Greedy answers by script: problem -> the answer it gives at each turn; it records every chat."""
+
+    def __init__(self, script):
+        self.script, self.chats = script, []
+
+    def generate_batch(self, requests):
+        out = []
+        for chat, n, _ in requests:
+            self.chats.append(list(chat))  # the eval extends its chats in place
+            turn = sum(m["role"] == "user" for m in chat)
+            out.append([f"Answer: {self.script[chat[0]['content']][turn - 1]}"] * n)
+        return out
+
+
+def test_multi_turn_eval_puts_the_critic_in_the_loop():
+    from align.evaluate import generate_greedy, markdown_table, multi_turn, score
+    from align.trees.problems import Problem
+
+    problems = [Problem(id=f"p{i}", task="math", prompt=f"{i}+{i}", answer=str(2 * i), prefix="") for i in range(4)]
+    backend = ScriptedBackend({"0+0": [0], "1+1": [3, 2], "2+2": [5, 6, 4], "3+3": [1, 1, 1]})
+    first = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems], batch_size=3)
+    correct = score(problems, first)["correct"]
+    rates, later = multi_turn(backend, problems, first, correct, turns=3, batch_size=3)
+    assert correct == [True, False, False, False]
+    assert rates == {"1": 0.25, "2": 0.5, "3": 0.75}
+    assert later[0] == [] and [a["correct"] for a in later[2]] == [False, True] and len(later[3]) == 2
+    # the turn-3 chat of problem 2 holds both wrong answers, each followed by the observation critic's turn
+    chat = next(c for c in backend.chats if c[0]["content"] == "2+2" and len(c) == 5)
+    assert [m["content"] for m in chat[1:]] == ["Answer: 5", "Out: 5\nYour answer is wrong.", "Answer: 6",
+                                                "Out: 6\nYour answer is wrong."]
+    table = markdown_table({"models": {"sft": {"pass@1": 0.25, "n": 4, "per_task": {"math": {"pass@1": 0.25, "n": 4}},
+                                               "pass@turns": rates}}})
+    assert "| model | pass@1 | math pass@1 | pass@2 turns | pass@3 turns | problems |" in table
+    assert "| sft | 25.0% | 25.0% | 50.0% | 75.0% | 4 |" in table
+
+
 def test_publish_dry_run_card_loads(sft_output, tmp_path):
     from huggingface_hub import ModelCard
 
@@ -152,7 +196,7 @@ def test_addition_heldout_split_is_disjoint_and_unstructured():
 
     heldout = {p.prompt for p in load_problems("addition:300:999:2:heldout")[0]}
     trees = {p.prompt for p in load_problems("addition:600:7:2:train")[0]}
-    boot = {r["messages"][0]["content"] for r in addition_sft_rows(4000, 12345, [2])}
+    boot = {r["prompt"][0]["content"] for r in addition_sft_rows(4000, 12345, [2], feedback=0.3)}
     assert not heldout & trees and not heldout & boot
     sums = [sum(map(int, p.split("+"))) for p in heldout]
     assert {s % 10 for s in sums} == set(range(10))  # not one class of answers reserved

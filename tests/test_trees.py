@@ -40,7 +40,7 @@ class OracleBackend:
     def __init__(self, p_correct: float):
         self.p = p_correct
 
-    async def generate(self, messages, n, seed):
+    def texts(self, messages, n, seed):
         gold = _gold(messages[0]["content"])
         out = []
         for i in range(n):
@@ -48,6 +48,9 @@ class OracleBackend:
             value = gold if right else gold + 1 + i
             out.append(f"Step 1: compute the result.\nAnswer:\n\\boxed{{{value}}}")
         return out
+
+    async def generate(self, messages, n, seed):
+        return self.texts(messages, n, seed)
 
     async def aclose(self):
         pass
@@ -98,6 +101,76 @@ def test_same_seed_same_trees_and_rerun_skips(tmp_path):
     again = build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
     assert again["built"] == 0 and again["already_done"] == 12
     assert len(list(iter_trees(tmp_path / "a" / "trees"))) == 12
+
+
+class BatchingOracle(OracleBackend):
+    """The oracle behind `generate_batch`, as a local model is driven; it records every batch's seeds."""
+
+    def __init__(self, p_correct):
+        super().__init__(p_correct)
+        self.batches = []
+
+    def generate_batch(self, requests):
+        self.batches.append([seed for _, _, seed in requests])
+        return [self.texts(m, n, s) for m, n, s in requests]
+
+
+def test_batched_groups_give_the_trees_of_one_request_at_a_time(tmp_path):
+    from align.trees.builder import derive_seed
+    from align.trees.problems import load_problems
+
+    config, actor, critic, limits = _config(tmp_path / "queue", max_turns=3)
+    build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    config_b, *_ = _config(tmp_path / "batched", max_turns=3, parallel_trees=5)
+    oracle = BatchingOracle(0.5)
+    build_trees(config_b, actor, critic, limits, actor=oracle)
+    queue = sorted(iter_trees(tmp_path / "queue" / "trees"), key=lambda t: t["tree_id"])
+    batched = sorted(iter_trees(tmp_path / "batched" / "trees"), key=lambda t: t["tree_id"])
+    assert queue == batched and len(batched) == 12
+
+    # one batch per group and turn: the open trees of 5 consecutive problems, ordered by seed
+    problems, _ = load_problems(config.problems)
+    by_id = {t["problem"]["id"]: t for t in batched}
+    expected = []
+    for start in range(0, 12, 5):
+        group = problems[start:start + 5]
+        for turn in range(1, 4):
+            seeds = sorted(derive_seed(config.seed, p.id, turn) for p in group if len(by_id[p.id]["turns"]) >= turn)
+            if seeds:
+                expected.append(seeds)
+    assert oracle.batches == expected and len(expected) > 3
+
+
+def test_row_sampler_samples_softmax_within_top_p():
+    import torch
+
+    from align.trees.backends import RowSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    rows = 20000
+    picks = RowSampler(list(range(rows)), temperature=0.7, top_p=1.0)(None, logits.expand(rows, 5)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5) / rows
+    assert torch.allclose(freq, (logits / 0.7).softmax(-1), atol=0.01), freq
+    # top_p 0.8 keeps the smallest set of top tokens holding 80% of the mass: here the first two
+    probs = (logits / 0.7).softmax(-1)
+    assert probs[0] < 0.8 <= probs[:2].sum()
+    picks = RowSampler(list(range(rows)), temperature=0.7, top_p=0.8)(None, logits.expand(rows, 5)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5) / rows
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], probs[:2] / probs[:2].sum(), atol=0.01)
+
+
+def test_local_samples_do_not_depend_on_their_batch():
+    from align.trees.backends import LocalBackend
+
+    backend = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=1.0, max_new_tokens=8))
+    chat = lambda text: [{"role": "user", "content": text}]
+    alone = backend.generate_batch([(chat("What is 2 + 2?"), 3, 11)])
+    mixed = backend.generate_batch([(chat("a much longer question that pads the others"), 2, 5),
+                                    (chat("What is 2 + 2?"), 3, 11), (chat("hi"), 1, 7)])
+    assert mixed[1] == alone[0] and [len(t) for t in mixed] == [2, 3, 1]
+    assert len(set(alone[0])) > 1  # three seeds, three different samples of a random model
+    greedy = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=0.0, max_new_tokens=8))
+    assert greedy.generate_batch([(chat("hi"), 3, 0)]) == [[greedy.generate_batch([(chat("hi"), 1, 9)])[0][0]] * 3]
 
 
 def test_changed_settings_refuse_to_mix(tmp_path):
@@ -168,7 +241,12 @@ def test_exports_load_in_every_stage(tmp_path):
     from conftest import stage_args
 
     sft_out = tmp_path / "sft"
-    sft(stage_args("sft.yaml", sft_out, "--datasets", str(tmp_path / "export" / "sft"), "--max_steps", "1"))
+    trainer = sft(stage_args("sft.yaml", sft_out, "--datasets", str(tmp_path / "export" / "sft"), "--max_steps", "1"))
+    # a multi-turn trajectory trains its final, correct action only: the earlier wrong answers are context
+    row = max(trainer.train_dataset, key=lambda r: len(r["prompt"]))
+    assert len(row["prompt"]) >= 3
+    trained = trainer.processing_class.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained.removesuffix(trainer.processing_class.eos_token) == row["completion"][0]["content"]
     for name, entry, data in (("dpo", dpo, "pairs"), ("nca", nca, "pairs_ultrainteract"), ("kto", kto, "kto")):
         trainer = entry(stage_args(f"{name}.yaml", tmp_path / name, "--datasets", str(tmp_path / "export" / data),
                                    "--adapter_name_or_path", str(sft_out), "--max_steps", "1"))
@@ -346,8 +424,8 @@ def test_llm_critic_feedback_turn(tmp_path):
         trees = list(iter_trees(tmp_path / "trees"))
         feedback = trees[0]["turns"][0]["feedback"]
         assert feedback.startswith("Out: ") and "Your answer is wrong.\nCheck the carry in step 2." in feedback
-        prompt = _CriticHandler.prompts[0]
         answer = trees[0]["problem"]["answer"]
+        prompt = next(p for p in _CriticHandler.prompts if p.startswith(f"P: {trees[0]['instruction']}\n"))  # trees run concurrently
         assert f"R: {answer}" in prompt and "O: " in prompt and "T: [assistant]" in prompt
         assert answer not in trees[0]["turns"][1]["history"][-1]["content"].replace("Out: ", "").split("wrong.")[1]
     finally:

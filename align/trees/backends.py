@@ -38,10 +38,36 @@ class ModelSpec:
     dtype: str = "float32"
 
 
+class RowSampler:
+    """Temperature / top-p sampling where every row draws its noise from its own seeded generator
+    (Gumbel-max), so a row's sample does not depend on the other rows of its batch. Used as a logits
+    processor under greedy decoding: argmax(logits / T + Gumbel noise) is a sample of softmax(logits / T)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            drop_sorted = probs.cumsum(-1) - probs >= self.top_p  # the mass ranked above already reaches top_p
+            scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        return scores - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+
+
 class LocalBackend:
-    """transformers generation on a causal LM folder (plus an optional adapter); the n samples of one
-    request are one batch. Requests run one at a time under a lock with their own seed, so results do
-    not depend on scheduling: the same seed gives the same trees."""
+    """transformers generation on a causal LM folder (plus an optional adapter).
+
+    `generate_batch` runs many requests as one left-padded batch; each sample has its own seed
+    (request seed + sample index), so what a request gets depends on its seed and on the batch it was
+    run in, never on timing. The tree builder makes that batch a fixed group of trees."""
 
     def __init__(self, spec: ModelSpec):
         from align.models import load_for_generation, load_tokenizer, resolve_model_path
@@ -49,31 +75,40 @@ class LocalBackend:
         path = resolve_model_path(spec.model)
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.adapter or path)
+        self.tokenizer.padding_side = "left"
         self.model = load_for_generation(path, spec.adapter, spec.dtype)
         self._lock = threading.Lock()
         self.name = spec.model + (f"+{spec.adapter}" if spec.adapter else "")
 
-    def generate_sync(self, messages: list[dict], n: int, seed: int) -> list[str]:
+    def generate_batch(self, requests: list[tuple[list[dict], int, int]]) -> list[list[str]]:
+        """(messages, n, seed) per request -> its n texts. Greedy (temperature 0) decodes once per request."""
         import torch
+        from transformers import LogitsProcessorList
 
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)
         greedy = self.spec.temperature <= 0
-        with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                do_sample=not greedy, temperature=None if greedy else self.spec.temperature,
-                top_p=None if greedy else self.spec.top_p, top_k=None,
-                max_new_tokens=self.spec.max_new_tokens, num_return_sequences=1 if greedy else n,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        texts = self.tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
-        return texts * n if greedy else texts
+        chats, seeds = [], []
+        for messages, n, seed in requests:
+            for i in range(1 if greedy else n):
+                chats.append(messages)
+                seeds.append(seed + i)
+        if not chats:
+            return []
+        enc = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                                 return_dict=True)
+        processors = None if greedy else LogitsProcessorList([RowSampler(seeds, self.spec.temperature, self.spec.top_p)])
+        with self._lock, torch.no_grad():
+            out = self.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                      logits_processor=processors, max_new_tokens=self.spec.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        results, row = [], 0
+        for _, n, _ in requests:
+            results.append([texts[row]] * n if greedy else texts[row:row + n])
+            row += 1 if greedy else n
+        return results
 
     async def generate(self, messages: list[dict], n: int, seed: int) -> list[str]:
-        return await asyncio.to_thread(self.generate_sync, messages, n, seed)
+        return (await asyncio.to_thread(self.generate_batch, [(messages, n, seed)]))[0]
 
     async def aclose(self):
         pass

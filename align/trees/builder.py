@@ -43,7 +43,7 @@ class TreesConfig:
     max_turns: int = field(default=5, metadata={"help": "Turns per tree at most (UltraInteract: 5)."})
     samples_per_turn: int = field(default=2, metadata={"help": "Actions sampled per turn (at least 2)."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the pair choice."})
-    parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently."})
+    parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently; with a local model, the group of trees whose requests are one batch per turn."})
     verifier_workers: int = field(default=4, metadata={"help": "Threads running verifiers and the sandbox."})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N problems."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip invalid problem rows (listed in a report)."})
@@ -119,6 +119,42 @@ class TreeBuilder:
                                  {"role": "user", "content": record["feedback"]}]
         return {"tree_id": tree_hash(problem), "problem": problem.to_dict(), "instruction": problem.instruction,
                 "turns": turns, "solved": any(a["correct"] for t in turns for a in t["actions"])}
+
+
+class RequestBarrier:
+    """Batches the actor requests of one group of trees: the batch runs once every unfinished tree of
+    the group is waiting on the actor, and its rows are ordered by seed, so what goes into a batch
+    depends on the group alone, never on timing (same seed and group size, same trees)."""
+
+    def __init__(self, backend, trees: int):
+        self.backend, self.open, self.waiting, self._running = backend, trees, [], set()
+
+    async def generate(self, messages: list[dict], n: int, seed: int) -> list[str]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((seed, messages, n, future))
+        self._release()
+        return await future
+
+    def tree_done(self) -> None:
+        self.open -= 1
+        self._release()
+
+    def _release(self) -> None:
+        if self.waiting and len(self.waiting) == self.open:
+            batch, self.waiting = sorted(self.waiting, key=lambda w: w[0]), []
+            task = asyncio.ensure_future(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch) -> None:
+        try:
+            results = await asyncio.to_thread(self.backend.generate_batch, [(m, n, s) for s, m, n, _ in batch])
+        except Exception as err:  # every tree of the batch sees the failure
+            for *_, future in batch:
+                future.set_exception(err)
+            return
+        for (*_, future), texts in zip(batch, results):
+            future.set_result(texts)
 
 
 class Progress:
@@ -201,6 +237,29 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     with ThreadPoolExecutor(config.verifier_workers) as executor:
         builder = TreeBuilder(actor, critic, config, limits, executor)
 
+        async def batched_groups():
+            """Local models: groups of parallel_trees consecutive problems (of the full list, so a
+            resumed run batches like a fresh one), each group's requests one batch per turn."""
+            size = max(1, config.parallel_trees)
+            for start in range(0, len(problems), size):
+                group = [p for p in problems[start:start + size] if p.id not in store.done]
+                if not group:
+                    continue
+                barrier = RequestBarrier(actor, len(group))
+                group_builder = TreeBuilder(barrier, critic, config, limits, executor)
+
+                async def one(problem):
+                    try:
+                        return await group_builder.build(problem)
+                    finally:
+                        barrier.tree_done()
+
+                trees = await asyncio.gather(*(one(p) for p in group))
+                store.append_many(trees)
+                summary["built"] += len(trees)
+                for tree in trees:
+                    progress.add(tree)
+
         async def worker():
             while not queue.empty():
                 problem = queue.get_nowait()
@@ -216,7 +275,10 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
                 progress.add(tree)
 
         try:
-            await asyncio.gather(*(worker() for _ in range(max(1, config.parallel_trees))))
+            if hasattr(actor, "generate_batch"):
+                await batched_groups()
+            else:
+                await asyncio.gather(*(worker() for _ in range(max(1, config.parallel_trees))))
         finally:
             progress.close()
             store.close()

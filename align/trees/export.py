@@ -30,8 +30,9 @@ def _row_ids(tree: dict, turn: int) -> dict:
 
 
 def sft_rows(trees: list[dict], leaves_only: bool = False) -> list[dict]:
-    """Correct actions. Default: each with its whole interaction history (multi-turn `messages`).
-    leaves_only: instruction -> correct response, no history (what Eurus trained SFT on)."""
+    """Correct actions, as TRL prompt-completion rows so that only the correct action is trained on: the
+    history's earlier (wrong) answers are context, never targets. Default: the whole interaction
+    history as the prompt. leaves_only: instruction -> correct response (what Eurus trained SFT on)."""
     rows = []
     for tree in trees:
         for t in tree["turns"]:
@@ -40,7 +41,7 @@ def sft_rows(trees: list[dict], leaves_only: bool = False) -> list[dict]:
                     continue
                 history = t["history"][:1] if leaves_only else t["history"]
                 rows.append({**_row_ids(tree, t["turn"]), "instruction": tree["instruction"], "response": a["text"],
-                             "messages": history + [{"role": "assistant", "content": a["text"]}]})
+                             "prompt": history, "completion": [{"role": "assistant", "content": a["text"]}]})
                 break  # one correct action per turn, as in the release
     return rows
 
@@ -129,7 +130,7 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     pairs = pair_rows(trees)
     kto = kto_rows(trees)
     counts = {
-        "sft": _save(sft, out / "sft", ids + ["messages", "instruction", "response"]),
+        "sft": _save(sft, out / "sft", ids + ["prompt", "completion", "instruction", "response"]),
         "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),
         "pairs_ultrainteract": _save([{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
                                      out / "pairs_ultrainteract", ids + ["trajectory", "chosen", "rejected"]),
@@ -179,7 +180,7 @@ critique, up to {settings.get('max_turns', '?')} turns.
 
 | folder | rows | columns |
 |---|---|---|
-| `sft` | {counts['sft']} | id, parent_id, task, dataset, messages, instruction, response ({'correct leaves without history' if leaves_only else 'correct actions with their history'}) |
+| `sft` | {counts['sft']} | id, parent_id, task, dataset, prompt, completion, instruction, response ({'correct leaves without history' if leaves_only else 'correct actions, their history as the prompt'}) |
 | `pairs` | {counts['pairs']} | id, parent_id, task, dataset, prompt, chosen, rejected (TRL conversational) |
 | `pairs_ultrainteract` | {counts['pairs_ultrainteract']} | id, parent_id, task, dataset, trajectory, chosen, rejected (the released UltraInteract_pair columns) |
 | `kto` | {counts['kto']} | id, parent_id, task, dataset, prompt, completion, label ({counts['kto_desirable']} desirable / {counts['kto_undesirable']} undesirable) |

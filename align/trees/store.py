@@ -48,10 +48,15 @@ class TreeStore:
         return iter_trees(self.path)
 
     def append(self, tree: dict) -> None:
-        line = (json.dumps(tree, ensure_ascii=False, sort_keys=True) + "\n").encode()
-        os.write(self._fd, line)
+        self.append_many([tree])
+
+    def append_many(self, trees: list[dict]) -> None:
+        """One write and one fsync for a group of trees."""
+        data = "".join(json.dumps(t, ensure_ascii=False, sort_keys=True) + "\n" for t in trees).encode()
+        while data:
+            data = data[os.write(self._fd, data):]
         os.fsync(self._fd)
-        self.done.add(tree["problem"]["id"])
+        self.done.update(t["problem"]["id"] for t in trees)
 
     def record_failure(self, problem_id: str, error: str) -> None:
         with open(self.dir / FAILURES_FILE, "a") as f:

@@ -56,16 +56,18 @@ def multi_turn(backend, problems: list[Problem], first: list[str], first_correct
 
     chats = [[{"role": "user", "content": p.instruction}, {"role": "assistant", "content": r}] for p, r in zip(problems, first)]
     solved = list(first_correct)
+    observation = {i: verify(problems[i], first[i]).observation for i, ok in enumerate(solved) if not ok}
     later: list[list[dict]] = [[] for _ in problems]
     rates = {"1": round(sum(solved) / len(problems), 4)}
     for k in range(2, turns + 1):
         todo = [i for i, ok in enumerate(solved) if not ok]
         for i in todo:
-            chats[i].append({"role": "user", "content": feedback_turn(verify(problems[i], chats[i][-1]["content"]).observation)})
+            chats[i].append({"role": "user", "content": feedback_turn(observation[i])})
         answers = generate_greedy(backend, [chats[i] for i in todo], batch_size)
         for i, answer in zip(todo, answers):
             chats[i].append({"role": "assistant", "content": answer})
-            solved[i] = verify(problems[i], answer).correct
+            verdict = verify(problems[i], answer)  # once per answer: for code it is a sandbox run
+            solved[i], observation[i] = verdict.correct, verdict.observation
             later[i].append({"turn": k, "response": answer, "correct": solved[i]})
         rates[str(k)] = round(sum(solved) / len(problems), 4)
     return rates, later

@@ -7,14 +7,12 @@ import logging
 import os
 import sys
 
-from align.errors import exit_on_user_error
+from align.errors import AlignError, exit_on_user_error
+from align.stages import TRAINING_STAGES
 
-# command -> (module, help). Each module has `main(argv)`.
+# command -> (module[:function], help). Each target takes argv. Training stages come from the registry.
 COMMANDS = {
-    "sft": ("align.sft.train", "supervised fine-tuning (assistant turns only)"),
-    "dpo": ("align.dpo.train", "DPO from an SFT adapter"),
-    "kto": ("align.kto_nca.kto", "KTO from an SFT adapter"),
-    "nca": ("align.kto_nca.nca", "NCA (pairwise) from an SFT adapter"),
+    **{name: (stage.entry, stage.summary) for name, stage in TRAINING_STAGES.items()},
     "trees": ("align.trees.cli:trees_main", "build / export / stats / import preference trees"),
     "verify": ("align.trees.cli:verify_main", "verify responses against problems (JSON verdicts)"),
     "sandbox": ("align.trees.cli:sandbox_main", "run a Python file in the sandbox"),
@@ -24,12 +22,35 @@ COMMANDS = {
     "publish": ("align.publish", "a Hub-ready folder with a model card; pushes unless --dry-run"),
 }
 
+# Third-party loggers whose records are noise for our users: bitsandbytes warns on every import on a CPU
+# machine that the optional `kernels` package (a faster CPU 4-bit GEMM) is missing.
+QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
+
 
 def usage() -> str:
     lines = ["usage: align <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Training stages take --config RECIPE.yaml and --key value overrides."]
+    lines += ["", "Training stages take --config RECIPE.yaml and --key value overrides; `align <command> --help`",
+              "lists a command's options (for a stage: every recipe key, with its type, default and help)."]
     return "\n".join(lines)
+
+
+def configure_logging() -> None:
+    """Our records as `[align] message` on stderr; other libraries' records are left to their own
+    handlers (transformers, datasets) or Python's default (warnings and errors, unprefixed)."""
+    logger = logging.getLogger("align")
+    if not any(getattr(h, "_align_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[align] %(message)s"))
+        handler._align_handler = True
+        logger.addHandler(handler)
+    level = os.environ.get("ALIGN_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise AlignError(f"ALIGN_LOG_LEVEL: {level!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+    logger.setLevel(level)
+    logger.propagate = False
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @exit_on_user_error
@@ -40,9 +61,8 @@ def main(argv: list[str] | None = None):
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"align: error: unknown command '{command}'\n{usage()}", file=sys.stderr)
-        raise SystemExit(2)
-    logging.basicConfig(level=os.environ.get("ALIGN_LOG_LEVEL", "INFO"), format="[align] %(message)s")
+        raise AlignError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)}; see align --help)")
+    configure_logging()
     module_name, _, function = COMMANDS[command][0].partition(":")
     result = getattr(importlib.import_module(module_name), function or "main")(rest)
     return result if isinstance(result, int) else 0

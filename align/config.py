@@ -193,7 +193,8 @@ def _field_types(classes) -> dict[str, tuple[type, Any]]:
 
 
 def parse_cli_overrides(argv: list[str], source: str = "command line") -> dict[str, Any]:
-    """`--key value` pairs (and `--key=value`); a bare `--flag` means true."""
+    """`--key value` pairs (and `--key=value`); a bare `--flag` means true; several values after one key
+    (`--report_to wandb tensorboard`, as TRL's parser takes them) make a list."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -201,15 +202,15 @@ def parse_cli_overrides(argv: list[str], source: str = "command line") -> dict[s
         if not token.startswith("--") or token == "--":
             raise AlignError(f"{source}: unexpected argument '{token}' (options look like --key value)")
         key = token[2:]
+        i += 1
         if "=" in key:
             key, value = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-            i += 2
         else:
-            value = "true"
-            i += 1
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            value = "true" if not values else values[0] if len(values) == 1 else values
         out[key.replace("-", "_")] = value
     return out
 
@@ -227,6 +228,80 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AlignError(f"{path}: a recipe must be a YAML mapping of key: value")
     return data
+
+
+def _help_type(tp) -> str:
+    """A field's annotation as a user reads it: `int`, `str | None`, `one of a, b`, `list of str`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_help_type(o) for o in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_help_type(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in tp)
+    if tp is type(None):
+        return "null"
+    return _type_name(tp)
+
+
+def _help_default(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default.value if isinstance(f.default, enum.Enum) else f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "required"
+    text = json_like(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def json_like(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def keys_help(groups: list[tuple[str, type]], width: int = 100) -> str:
+    """Every field of each (title, dataclass) with its type, default and help text."""
+    import textwrap
+
+    lines = []
+    for title, cls in groups:
+        hints = typing.get_type_hints(cls)
+        lines += ["", f"{title} ({cls.__module__}.{cls.__name__}):"]
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            lines.append(f"  --{f.name}  {_help_type(hints.get(f.name, Any))}  (default: {_help_default(f)})")
+            text = " ".join(str(f.metadata.get("help") or "").split())
+            if text:
+                lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def stage_help(stage: str) -> str:
+    """`align STAGE --help`: every recipe key of the stage, generated from the dataclasses."""
+    from align.stages import training_stage
+
+    spec = training_stage(stage)
+    config_cls = spec.config_class()
+    head = [f"usage: align {stage} --config RECIPE.yaml [--key value ...] [--accelerate_config NAME|FILE]",
+            "", f"{spec.summary}.",
+            "A recipe is flat YAML: every key below goes in it as `key: value`, or on the command line as",
+            "`--key value` (which overrides the recipe; several values make a list: --report_to wandb tensorboard).",
+            "--accelerate_config NAME|FILE checks the recipe, then runs the stage under `accelerate launch`",
+            "(names: recipes/accelerate/*.yaml, e.g. single_gpu, multi_gpu, zero3, fsdp2, cpu).",
+            "Data columns: " + " or ".join("/".join(g) for g in spec.columns)
+            + f", or the UltraInteract columns {'/'.join(spec.released)}."]
+    return "\n".join(head) + "\n" + keys_help([("model", ModelArguments), ("data", DataArguments),
+                                                  (f"training, TRL's {config_cls.__name__}", config_cls)])
 
 
 def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any]:

@@ -10,16 +10,9 @@ from typing import Any
 
 from align.errors import AlignError
 
-# Columns each stage trains on (TRL's conversational formats).
-STAGE_COLUMNS = {
-    "sft": [("messages",), ("prompt", "completion")],
-    "dpo": [("prompt", "chosen", "rejected")],
-    "nca": [("prompt", "chosen", "rejected")],
-    "kto": [("prompt", "completion", "label")],
-}
+from align.stages import training_stage
 
-UI_PAIR_COLUMNS = ("trajectory", "chosen", "rejected")
-UI_SFT_COLUMNS = ("instruction", "response")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def _turns_to_messages(turns: list[dict]) -> list[dict]:
@@ -94,20 +87,20 @@ def load_one(path: str, split: str = "train", name: str | None = None):
 def to_stage_format(ds, stage: str, source: str):
     """Convert the UltraInteract schemas to the stage's columns, or check the stage's columns are present."""
     columns = set(ds.column_names)
-    wanted = STAGE_COLUMNS[stage]
+    spec = training_stage(stage)
+    wanted = spec.columns
     for group in wanted:
         if set(group) <= columns:
             return ds.select_columns(list(group))  # extra columns would stop datasets from mixing
-    if stage == "sft" and set(UI_SFT_COLUMNS) <= columns:
-        return ds.map(ultrainteract_sft_row, remove_columns=ds.column_names)
-    if stage in ("dpo", "nca", "kto") and set(UI_PAIR_COLUMNS) <= columns:
+    if set(spec.released) <= columns:
+        if stage == "sft":
+            return ds.map(ultrainteract_sft_row, remove_columns=ds.column_names)
         pairs = ds.map(ultrainteract_pair_row, remove_columns=ds.column_names)
         return pairs_to_kto(pairs) if stage == "kto" else pairs
-    if stage == "kto" and set(STAGE_COLUMNS["dpo"][0]) <= columns:
+    if stage == "kto" and set(PAIR_COLUMNS) <= columns:
         return pairs_to_kto(ds)
     need = " or ".join("/".join(g) for g in wanted)
-    alt = {"sft": "instruction/response", "dpo": "trajectory/chosen/rejected", "nca": "trajectory/chosen/rejected",
-           "kto": "trajectory/chosen/rejected or prompt/chosen/rejected"}[stage]
+    alt = "/".join(spec.released) + (" or " + "/".join(PAIR_COLUMNS) if stage == "kto" else "")
     missing = sorted(set(wanted[0]) - columns)
     raise AlignError(
         f"dataset {source}: missing column(s) {', '.join(missing)} for the {stage} stage "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
+import warnings
 
 
 class AlignError(Exception):
@@ -33,3 +35,15 @@ def exit_on_user_error(fn):
             raise SystemExit(err.exit_code) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def warnings_unless_user_error():
+    """Hold back the warnings raised inside (libraries warn while parsing configs, e.g. about their own
+    deprecated defaults): re-issued as usual when the block succeeds, dropped when it ends in an AlignError,
+    whose one line must stay the only line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -32,8 +32,9 @@ import yaml
 
 from align.config import load_recipe_file
 from align.errors import AlignError
+from align.stages import TRAINING_STAGES
 
-KINDS = ("data", "trees", "sft", "dpo", "kto", "nca", "eval", "publish")
+KINDS = ("data", "trees", *TRAINING_STAGES, "eval", "publish")
 STAGE_KEYS = {"name", "kind", "recipe", "set", "enabled", "generator", "n", "seed", "digits", "split", "feedback", "problems", "models", "runs",
               "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size", "turns"}
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
@@ -61,11 +62,18 @@ def load_pipeline(path: str) -> dict:
             raise AlignError(f"{where} ({stage['name']}): unknown key(s) {', '.join(sorted(bad))}")
         if stage["name"] in names:
             raise AlignError(f"{where}: stage name {stage['name']!r} repeats")
-        if stage["kind"] in ("trees", "sft", "dpo", "kto", "nca"):
+        if stage["kind"] == "trees" or stage["kind"] in TRAINING_STAGES:
             if not stage.get("recipe"):
                 raise AlignError(f"{where} ({stage['name']}): key 'recipe' is required for kind {stage['kind']}")
             if not Path(stage["recipe"]).is_file():
                 raise AlignError(f"{where} ({stage['name']}): recipe {stage['recipe']} not found")
+            if stage["kind"] in TRAINING_STAGES:
+                from align.extras import check_report_to
+
+                recipe = _deep_merge(load_recipe_file(stage["recipe"]), stage.get("set") or {})
+                report_to = recipe.get("report_to")
+                check_report_to(report_to.split(",") if isinstance(report_to, str) else report_to,
+                                f"{where} ({stage['name']}): {stage['recipe']}")
         if stage["kind"] == "eval":
             from align.evaluate import check_turns
 
@@ -78,9 +86,10 @@ def load_pipeline(path: str) -> dict:
             if ref not in names:
                 raise AlignError(f"{where} ({stage['name']}): ${{{ref}}} names no earlier stage")
         names.append(stage["name"])
-    acc = spec.get("accelerate_config")
-    if acc and not Path(acc).is_file():
-        raise AlignError(f"{path}: accelerate_config {acc} not found")
+    if spec.get("accelerate_config"):
+        from align.extras import check_accelerate_config
+
+        check_accelerate_config(spec["accelerate_config"], f"{path}: accelerate_config")
     return spec
 
 
@@ -153,12 +162,6 @@ class Runner:
         if code != 0:
             raise StageFailed(name, log, code)
 
-    def _accelerate(self, kind: str, recipe_path: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-        if self.spec.get("accelerate_config"):
-            cmd += ["--config_file", self.spec["accelerate_config"]]
-        return cmd + ["-m", "align", kind, "--config", str(recipe_path)]
-
     def execute(self, stage: dict, resolved: dict, folder: Path) -> list[str]:
         kind, log = stage["kind"], folder / "log.txt"
         recipe_path = folder / "recipe.yaml"
@@ -168,8 +171,11 @@ class Runner:
             from align.quickstart import write_generated_data
 
             return [write_generated_data(resolved, folder)]
-        if kind in ("sft", "dpo", "kto", "nca"):
-            self._run(self._accelerate(kind, recipe_path), log, stage["name"])
+        if kind in TRAINING_STAGES:
+            from align.launch import accelerate_command
+
+            self._run(accelerate_command(kind, self.spec.get("accelerate_config"), ["--config", str(recipe_path)]),
+                      log, stage["name"])
             return [str(folder)]
         if kind == "trees":
             self._run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe_path)], log, stage["name"])

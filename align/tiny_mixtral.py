@@ -60,7 +60,9 @@ def build_mixtral_tokenizer():
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(mixtral_tokenizer_file(), Path(tmp) / "tokenizer.model")
-        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+        # legacy=True: a "▁" before the first piece of every text segment, as Mixtral's own tokenizer does, so
+        # "<s>[INST]" is [1, 733, 16289, 28793]; without it transformers 5 gives "[" (28792) after <s>.
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, legacy=True)
     tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
     tokenizer.pad_token = tokenizer.unk_token  # Mixtral has no pad token; <unk> never appears in text
     tokenizer.padding_side = "right"

@@ -1,7 +1,8 @@
 """What every training stage does around its TRL trainer: load, adapt, train, save.
 
-Stage entries (`align/sft`, `align/dpo`, `align/kto_nca`) call `run_stage` with their TRL config class,
-their trainer class and the data format they need; nothing MoE-specific lives in them.
+Stage entries (`align/sft`, `align/dpo`, `align/kto_nca`) call `run_stage` with their name; the registry
+(`align/stages.py`) holds their TRL config class, trainer, columns and checks; nothing MoE-specific lives
+in them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import yaml
 
 from align.config import parse_stage_args, resolved_config
 from align.data import load_training_data
-from align.errors import AlignError
+from align.errors import AlignError, warnings_unless_user_error
 from align.models import check_model_args, load_model, load_tokenizer
 from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_trainable_report
@@ -40,22 +41,43 @@ def _has_checkpoint(output_dir: str) -> bool:
     return any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
 
 
-def prepare_stage(stage: str, config_cls, argv: list[str], check=None):
+def prepare_stage(stage: str, argv: list[str]):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads."""
-    model_args, data_args, args = parse_stage_args(config_cls, argv)
-    if check is not None:
-        check(model_args, data_args, args)
-    check_model_args(model_args)
-    resume = _resume_value(args.resume_from_checkpoint)
-    if resume is True and not _has_checkpoint(args.output_dir):
-        raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
-    dataset = load_training_data(data_args, stage)
+    from align.extras import check_training_extras
+    from align.stages import training_stage
+
+    spec = training_stage(stage)
+    with warnings_unless_user_error():
+        model_args, data_args, args = parse_stage_args(spec.config_class(), argv)
+        check = spec.check_function()
+        if check is not None:
+            check(model_args, data_args, args)
+        check_model_args(model_args)
+        check_training_extras(args, getattr(args, "_align_recipe_source", "recipe"))
+        resume = _resume_value(args.resume_from_checkpoint)
+        if resume is True and not _has_checkpoint(args.output_dir):
+            raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
+        dataset = load_training_data(data_args, stage)
     return model_args, data_args, args, dataset, resume
 
 
-def run_stage(stage: str, config_cls, trainer_cls, argv: list[str], check=None):
-    """Run one training stage from its recipe; returns the trainer (for tests and the pipeline)."""
-    model_args, data_args, args, dataset, resume = prepare_stage(stage, config_cls, argv, check)
+def run_stage(stage: str, argv: list[str]):
+    """Run one training stage from its recipe; returns the trainer (for tests and the pipeline).
+
+    `--help` / `-h` prints every recipe key instead; `--accelerate_config NAME|FILE` validates the recipe,
+    then runs the stage under `accelerate launch` with that config."""
+    from align.stages import training_stage
+
+    if "--help" in argv or "-h" in argv:
+        from align.config import stage_help
+
+        print(stage_help(stage))
+        return 0
+    if "--accelerate_config" in argv or any(a.startswith("--accelerate_config=") for a in argv):
+        from align.launch import relaunch_under_accelerate
+
+        return relaunch_under_accelerate(stage, argv)
+    model_args, data_args, args, dataset, resume = prepare_stage(stage, argv)
     logger.info("%s: %d training rows", stage, len(dataset))
 
     model, model_path = load_model(model_args, gradient_checkpointing=args.gradient_checkpointing)
@@ -74,6 +96,7 @@ def run_stage(stage: str, config_cls, trainer_cls, argv: list[str], check=None):
     else:
         peft_config = build_lora_config(model_args, model)
 
+    trainer_cls = training_stage(stage).trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     fused = apply_moe_lora_backend(trainer.model, model_args.moe_lora_backend)

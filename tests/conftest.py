@@ -1,9 +1,12 @@
-"""Shared fixtures: a private ALIGN_HOME (so the tiny model is built from scratch once per session) and
-tiny stage runs that several tests read."""
+"""Shared fixtures: a fresh ALIGN_HOME and HF_HOME for the session (so the tiny models, tokenizers and
+dataset caches are built from nothing, as on a machine that never saw the project), and tiny stage runs
+that several tests read."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 
-os.environ.setdefault("ALIGN_HOME", str(Path(os.environ.get("PYTEST_ALIGN_HOME", "/tmp/align-test-home"))))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Set before any test module imports huggingface_hub / datasets (they read HF_HOME at import), and
+# unconditionally: a cache left by an earlier run, or the developer's own, must not hide a missing step.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="align-test-session-"))
+os.environ["ALIGN_HOME"] = str(SESSION_HOME / "align")
+os.environ["HF_HOME"] = str(SESSION_HOME / "hf")
+for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_TOKEN"):
+    os.environ.pop(_variable, None)
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_homes():
+    """The session's ALIGN_HOME and HF_HOME start empty and are removed at the end."""
+    yield SESSION_HOME
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 def stage_args(recipe: str, output_dir: Path, *extra: str) -> list[str]:

@@ -213,3 +213,61 @@ def test_preference_stages_accept_4bit_experts(stage, sft_4bit, tmp_path):
     assert sum(is_nf4(p) for p in trainer.model.parameters()) == 4
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     assert any("loss" in h for h in history) and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_align_quantize_cli_writes_a_base_with_the_in_memory_logits(tmp_path, capsys):
+    """`align quantize MODEL OUT`, then OUT as a recipe's model: nothing is quantised again, and the logits
+    equal those of the same model quantised in memory (bit for bit)."""
+    from transformers import AutoModelForCausalLM
+
+    from align.cli import main
+    from align.config import ModelArguments
+    from align.models import load_model, load_tokenizer, resolve_model_path
+    from align.moe.nf4 import is_quantized_checkpoint
+    from conftest import logits_of
+
+    out = tmp_path / "tiny-nf4"
+    assert main(["quantize", "tiny-mixtral", str(out), "--dtype", "float32"]) == 0
+    assert "4 expert stacks in NF4" in capsys.readouterr().out
+    assert is_quantized_checkpoint(out) and not (tmp_path / ".tiny-nf4.partial").exists()
+    loaded, _ = load_model(ModelArguments(model_name_or_path=str(out), dtype="float32", experts_4bit=True))
+    assert all(is_nf4(e.gate_up_proj) and is_nf4(e.down_proj) for _, e in find_experts(loaded))
+    in_memory = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
+    assert quantize_experts_nf4(in_memory) == 4
+    torch.testing.assert_close(logits_of(loaded), logits_of(in_memory), rtol=0, atol=0)
+    unquantized = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
+    assert (logits_of(loaded) - logits_of(unquantized)).abs().max() > 0  # the test can tell the two apart
+    assert load_tokenizer(str(out)).chat_template
+
+
+@pytest.mark.parametrize("case", ["output_not_empty", "no_such_folder", "not_a_model", "already_quantised", "no_experts"])
+def test_align_quantize_bad_input_is_one_line(case, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.cli import main
+
+    out, model = tmp_path / "out", "tiny-mixtral"
+    if case == "output_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "no_such_folder":
+        model = str(tmp_path / "nope")
+    elif case == "not_a_model":
+        model = str(tmp_path)
+    elif case == "already_quantised":
+        assert main(["quantize", "tiny-mixtral", str(tmp_path / "q"), "--dtype", "float32"]) == 0
+        model = str(tmp_path / "q")
+    else:
+        model = str(tmp_path / "llama")
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", model, str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("align: error:"), err
+    expected = {"output_not_empty": "not an empty folder", "no_such_folder": "not found", "not_a_model": "no config.json",
+                "already_quantised": "already quantised", "no_experts": "no fused expert stacks"}[case]
+    assert expected in err[0]
+    if case == "output_not_empty":
+        assert (out / "keep.txt").read_text() == "mine"

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 
 def main(argv: list[str]):
-    from trl import KTOConfig
-
-    from align.kto_nca.trainer import MoEKTOTrainer
     from align.training import run_stage
 
-    return run_stage("kto", KTOConfig, MoEKTOTrainer, argv)
+    return run_stage("kto", argv)

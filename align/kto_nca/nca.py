@@ -5,15 +5,12 @@ from __future__ import annotations
 from align.errors import AlignError
 
 
-def _check(model_args, data_args, args) -> None:
+def check(model_args, data_args, args) -> None:
     if list(args.loss_type) != ["nca_pair"]:
         raise AlignError(f"recipe: key 'loss_type' must be nca_pair for the nca stage, got {args.loss_type}")
 
 
 def main(argv: list[str]):
-    from trl import DPOConfig
-
-    from align.dpo.trainer import MoEDPOTrainer
     from align.training import run_stage
 
-    return run_stage("nca", DPOConfig, MoEDPOTrainer, argv, check=_check)
+    return run_stage("nca", argv)

@@ -5,15 +5,12 @@ from __future__ import annotations
 from align.errors import AlignError
 
 
-def _check(model_args, data_args, args) -> None:
+def check(model_args, data_args, args) -> None:
     if not args.assistant_only_loss and not args.completion_only_loss:
         raise AlignError("recipe: set assistant_only_loss: true (multi-turn SFT trains on assistant turns only)")
 
 
 def main(argv: list[str]):
-    from trl import SFTConfig
-
-    from align.sft.trainer import MoESFTTrainer
     from align.training import run_stage
 
-    return run_stage("sft", SFTConfig, MoESFTTrainer, argv, check=_check)
+    return run_stage("sft", argv)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from align.errors import AlignError
+from align.errors import AlignError, read_user_text
 
 
 @dataclass
@@ -219,14 +219,22 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise AlignError(f"{path}: recipe file not found")
+    text = read_user_text(path, "recipe file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise AlignError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise AlignError(f"{path}:{where} is not valid YAML ({' '.join(str(getattr(err, 'problem', err)).split())})") from None
+    except RecursionError:
+        raise AlignError(f"{path}: is nested too deeply to be a recipe") from None
+    if data is None or data == {}:
+        raise AlignError(f"{path}: the recipe is empty (a recipe is a YAML mapping of key: value)")
     if not isinstance(data, dict):
-        raise AlignError(f"{path}: a recipe must be a YAML mapping of key: value")
+        raise AlignError(f"{path}: a recipe must be a YAML mapping of key: value, not a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise AlignError(f"{path}: key {bad[0]!r} is not a name (recipe keys are strings)")
     return data
 
 
@@ -307,6 +315,7 @@ def stage_help(stage: str) -> str:
 def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any]:
     """Check every key exists in one of `classes` and coerce its value to the field's type."""
     known = _field_types(classes)
+    known_fields = {f.name: f for cls in reversed(list(classes)) for f in dataclasses.fields(cls)}
     out = {}
     for key, value in values.items():
         if key not in known:
@@ -318,7 +327,22 @@ def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any
             out[key] = coerce(value, tp)
         except TypeError as err:
             raise AlignError(f"{source}: key '{key}' must be {err}, got {type(value).__name__} {value!r}") from None
+        check_range(key, out[key], known_fields[key].metadata, source)
     return out
+
+
+def check_range(key: str, value: Any, metadata, source: str) -> None:
+    """Numbers are finite (no nan / inf) and within a field's `range` metadata, (low, high), None = open."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and value != value:
+        raise AlignError(f"{source}: key '{key}' must be a number, got nan")
+    low, high = metadata.get("range", (None, None)) if metadata else (None, None)
+    if "range" in (metadata or {}) and isinstance(value, float) and value in (float("inf"), float("-inf")):
+        raise AlignError(f"{source}: key '{key}' must be finite, got {value}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"between {low} and {high}"
+        raise AlignError(f"{source}: key '{key}' must be {bounds}, got {value!r}")
 
 
 def parse_stage_args(train_config_cls, argv: list[str]):

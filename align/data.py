@@ -122,21 +122,35 @@ def _spec(item: Any, index: int) -> dict:
 
 def load_training_data(data_args, stage: str):
     """The stage's training set: every dataset loaded, converted, checked, weighted, mixed and shuffled."""
-    from datasets import concatenate_datasets
+    import datasets
 
     if not data_args.datasets:
         raise AlignError("recipe: key 'datasets' is empty; name at least one dataset")
+    specs = [_spec(item, i) for i, item in enumerate(data_args.datasets)]  # every entry checked before loading
+    for i, spec in enumerate(specs):
+        weight = spec.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < float("inf"):
+            raise AlignError(f"recipe: datasets[{i}].weight must be a positive number, got {weight!r}")
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a one-line error must stay one line
+    try:
+        return _load_and_mix(specs, data_args, stage)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load_and_mix(specs: list[dict], data_args, stage: str):
+    from datasets import concatenate_datasets
+
     parts = []
-    for i, item in enumerate(data_args.datasets):
-        spec = _spec(item, i)
+    for spec in specs:
         source = str(spec["path"])
         ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"))
         if len(ds) == 0:
             raise AlignError(f"dataset {source}: has no rows")
         ds = to_stage_format(ds, stage, source)
         weight = spec.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            raise AlignError(f"recipe: datasets[{i}].weight must be a positive number, got {weight!r}")
         keep = max(1, round(weight * len(ds)))
         if keep != len(ds):
             shuffled = ds.shuffle(seed=data_args.data_seed_mix)

@@ -47,3 +47,20 @@ def warnings_unless_user_error():
         yield
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def read_user_text(path, what: str = "file") -> str:
+    """A file the user named, as text: missing, unreadable or not UTF-8 is one line naming it."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AlignError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise AlignError(f"{path}: is a folder, not a {what}") from None
+    except UnicodeDecodeError as err:
+        raise AlignError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise AlignError(f"{path}: cannot be read ({err.strerror})") from None

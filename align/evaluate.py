@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError
@@ -18,10 +19,45 @@ from align.trees.sandbox import SandboxLimits
 from align.trees.verifiers import verify
 
 
-def check_turns(turns, where: str) -> int:
-    if not isinstance(turns, int) or isinstance(turns, bool) or not 1 <= turns <= 5:
-        raise AlignError(f"{where}: key 'turns' must be a whole number from 1 to 5, got {turns!r}")
-    return turns
+@dataclass
+class EvalConfig:
+    """`align eval --config`: what to evaluate, on which problems, how."""
+
+    problems: str = field(metadata={"help": "Problems: a dataset path / hub id, or a built-in (addition:..., humaneval)."})
+    models: dict = field(metadata={"help": "name: {model: hub id or folder, adapter: optional PEFT folder}."})
+    turns: int = field(default=1, metadata={"help": "pass@k-turns up to k (the observation critic in the loop).",
+                                            "range": (1, 5)})
+    batch_size: int = field(default=32, metadata={"help": "Problems decoded together.", "range": (1, 65536)})
+    max_new_tokens: int = field(default=256, metadata={"help": "Tokens per answer at most.", "range": (1, 1 << 20)})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N problems.", "range": (1, None)})
+    runs: dict = field(default_factory=dict, metadata={"help": "name: stage output folder, for the plots."})
+    trees: str | None = field(default=None, metadata={"help": "A trees folder, for the tree statistics plot."})
+
+
+MODEL_KEYS = {"model", "adapter"}
+
+
+def parse_eval_config(spec: dict, where: str) -> EvalConfig:
+    """The eval settings checked (keys, types, ranges, each model's entry) before any model loads."""
+    from align.config import validate_keys
+
+    for key in ("problems", "models"):
+        if key not in spec:
+            raise AlignError(f"{where}: key '{key}' is required")
+    config = EvalConfig(**validate_keys(spec, [EvalConfig], where))
+    if not config.models:
+        raise AlignError(f"{where}: key 'models' is empty")
+    for name, m in config.models.items():
+        if not isinstance(m, dict) or not isinstance(m.get("model"), str):
+            raise AlignError(f"{where}: models.{name} needs 'model' (and optionally 'adapter')")
+        bad = set(m) - MODEL_KEYS
+        if bad:
+            raise AlignError(f"{where}: models.{name}: unknown key(s) {', '.join(sorted(map(str, bad)))} (allowed: model, adapter)")
+        if m.get("adapter") is not None and not isinstance(m["adapter"], str):
+            raise AlignError(f"{where}: models.{name}.adapter must be a folder")
+    if not isinstance(config.runs, dict) or not all(isinstance(v, str) for v in config.runs.values()):
+        raise AlignError(f"{where}: key 'runs' must map names to stage output folders")
+    return config
 
 
 def score(problems: list[Problem], responses: list[str], limits: SandboxLimits | None = None) -> dict:
@@ -86,25 +122,20 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(spec: dict, output: Path) -> dict:
-    problems, _ = load_problems(spec["problems"], limit=spec.get("limit"))
-    models = spec.get("models") or {}
-    if not models:
-        raise AlignError("eval: key 'models' is empty")
-    turns = check_turns(spec.get("turns", 1), "eval")
-    batch_size = int(spec.get("batch_size", 32))
+def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
+    config = parse_eval_config(spec, where)
+    problems, _ = load_problems(config.problems, limit=config.limit)
+    turns, batch_size = config.turns, config.batch_size
     output.mkdir(parents=True, exist_ok=True)
-    results = {"problems": spec["problems"], "models": {}}
-    for name, m in models.items():
-        if not isinstance(m, dict) or "model" not in m:
-            raise AlignError(f"eval: models.{name} needs 'model' (and optionally 'adapter')")
+    results = {"problems": config.problems, "models": {}}
+    for name, m in config.models.items():
         if m.get("adapter") and not Path(m["adapter"]).exists():
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
         from align.trees.backends import LocalBackend, ModelSpec
 
         backend = LocalBackend(ModelSpec(model=m["model"], adapter=m.get("adapter"), temperature=0.0,
-                                         max_new_tokens=int(spec.get("max_new_tokens", 256))))
+                                         max_new_tokens=config.max_new_tokens))
         responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems], batch_size)
         scored = score(problems, responses)
         correct = scored.pop("correct")
@@ -119,7 +150,7 @@ def run_eval(spec: dict, output: Path) -> dict:
     (output / "results.md").write_text(markdown_table(results) + "\n")
     from align.plots import make_plots
 
-    make_plots(spec.get("runs") or {}, spec.get("trees"), output / "plots")
+    make_plots(config.runs, config.trees, output / "plots")
     return results
 
 
@@ -132,8 +163,6 @@ def main(argv: list[str]):
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     spec = load_recipe_file(args.config)
-    if "problems" not in spec:
-        raise AlignError(f"{args.config}: key 'problems' is required")
-    results = run_eval(spec, Path(args.output))
+    results = run_eval(spec, Path(args.output), args.config)
     print(markdown_table(results))
     return 0

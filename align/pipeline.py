@@ -36,7 +36,7 @@ from align.stages import TRAINING_STAGES
 
 KINDS = ("data", "trees", *TRAINING_STAGES, "eval", "publish")
 STAGE_KEYS = {"name", "kind", "recipe", "set", "enabled", "generator", "n", "seed", "digits", "split", "feedback", "problems", "models", "runs",
-              "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size", "turns"}
+              "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size", "turns", "limit"}
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
 
 
@@ -62,6 +62,9 @@ def load_pipeline(path: str) -> dict:
             raise AlignError(f"{where} ({stage['name']}): unknown key(s) {', '.join(sorted(bad))}")
         if stage["name"] in names:
             raise AlignError(f"{where}: stage name {stage['name']!r} repeats")
+        for ref in REF.findall(json.dumps(stage)):
+            if ref not in names:
+                raise AlignError(f"{where} ({stage['name']}): ${{{ref}}} names no earlier stage")
         if stage["kind"] == "trees" or stage["kind"] in TRAINING_STAGES:
             if not stage.get("recipe"):
                 raise AlignError(f"{where} ({stage['name']}): key 'recipe' is required for kind {stage['kind']}")
@@ -75,16 +78,14 @@ def load_pipeline(path: str) -> dict:
                 check_report_to(report_to.split(",") if isinstance(report_to, str) else report_to,
                                 f"{where} ({stage['name']}): {stage['recipe']}")
         if stage["kind"] == "eval":
-            from align.evaluate import check_turns
+            from align.evaluate import parse_eval_config
 
-            check_turns(stage.get("turns", 1), f"{where} ({stage['name']})")
+            parse_eval_config({k: v for k, v in stage.items() if k not in ("name", "kind", "enabled")},
+                              f"{where} ({stage['name']})")
         if stage["kind"] == "data":
             from align.quickstart import check_feedback
 
             check_feedback(stage.get("feedback", 0.0), f"{where} ({stage['name']})")
-        for ref in REF.findall(json.dumps(stage)):
-            if ref not in names:
-                raise AlignError(f"{where} ({stage['name']}): ${{{ref}}} names no earlier stage")
         names.append(stage["name"])
     if spec.get("accelerate_config"):
         from align.extras import check_accelerate_config
@@ -184,7 +185,7 @@ class Runner:
             return [str(folder / "trees.jsonl"), str(folder / "export")]
         if kind == "eval":
             eval_spec = folder / "eval.yaml"
-            eval_spec.write_text(yaml.safe_dump({k: v for k, v in resolved.items() if k not in ("name", "kind")}))
+            eval_spec.write_text(yaml.safe_dump({k: v for k, v in resolved.items() if k not in ("name", "kind", "enabled")}))
             self._run([sys.executable, "-m", "align", "eval", "--config", str(eval_spec), "--output", str(folder)],
                       log, stage["name"])
             print((folder / "results.md").read_text(), flush=True)

@@ -14,6 +14,9 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bo
 
     if "/" not in repo_id:
         raise AlignError(f"--push-to-hub/--repo-id: {repo_id!r} should look like ORG/NAME")
+    from align.leaks import check_folder
+
+    check_folder(folder)
     api = HfApi(token=os.environ.get("HF_TOKEN"))
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)

@@ -83,8 +83,9 @@ def test_pipeline_errors_before_running(tmp_path):
     bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "train"}]}))
     with pytest.raises(AlignError, match="kind must be one of"):
         load_pipeline(str(bad))
-    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "e", "kind": "eval", "problems": "p", "turns": 9}]}))
-    with pytest.raises(AlignError, match=r"stages\[0\] \(e\): key 'turns' must be a whole number from 1 to 5, got 9"):
+    bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "e", "kind": "eval", "problems": "p", "turns": 9,
+                                                                   "models": {"m": {"model": "tiny-mixtral"}}}]}))
+    with pytest.raises(AlignError, match=r"stages\[0\] \(e\): key 'turns' must be between 1 and 5, got 9"):
         load_pipeline(str(bad))
     bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "d", "kind": "data", "generator": "addition-sft",
                                                                    "feedback": 1.5}]}))

@@ -114,7 +114,7 @@ def test_bad_problem_rows_are_named(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"id": "a", "task": "math", "prompt": "1+1", "answer": "2"}) + "\n"
                     + json.dumps({"id": "b", "task": "code", "prompt": "f"}) + "\n")
-    with pytest.raises(AlignError, match=r"row 1: field 'tests' is missing"):
+    with pytest.raises(AlignError, match=r"p.jsonl:2: field 'tests' is missing"):  # file:line of a jsonl
         load_problems(str(path))
     problems, skipped = load_problems(str(path), skip_bad_rows=True)
-    assert [p.id for p in problems] == ["a"] and len(skipped) == 1 and "row 1" in skipped[0]
+    assert [p.id for p in problems] == ["a"] and len(skipped) == 1 and "p.jsonl:2" in skipped[0]

@@ -1,11 +1,23 @@
-"""Sandbox zygote: a small stdlib-only process that forks one child per run (no interpreter start-up).
+"""Sandbox zygote: a small stdlib-only process that forks the isolated children of each run.
 
-Protocol (JSON lines): requests on stdin `{"id", "workdir", "program", "stdin", "stdout", "stderr",
-"limits": {...}, "uid", "netns", "root", "landlock_abi"}`; replies on stdout `{"id", "pid"}` once
-the child is forked and `{"id", "status"}` (a raw wait status) once it has exited.
+It is started once, with an environment built from nothing (no variable of the parent reaches it, so
+none can be read back from /proc/self/environ of a child), and forks one or two children per run
+without starting an interpreter. Requests on stdin, one JSON line each:
 
-The child: new session, network namespace, rlimits, own uid (as root), Landlock write confinement,
-fds 0/1/2 on the run's files and nothing else open, then the program's code runs as `__main__`.
+    {"id": N, "pipes": K, "children": [CHILD, ...]}
+
+CHILD: {"workdir", "program", "stdin", "stdout", "stderr", "limits": {...}, "uid", "netns", "root",
+"landlock_abi", "cgroups": [dir, ...], "tmpfs_mb", "pipe_fds": {"3": [pipe, "r"|"w"], ...},
+"verdict_fd": fd or null, "read_paths": [...] or null}
+
+Replies on stdout: `{"id", "pids": [...]}` once the children are forked, then for each child
+`{"id", "child": i, "status": wait status, "verdict": text}` once it has exited; `verdict` is what the
+child wrote to its verdict pipe (a pipe, not a file, so no other process can write it).
+
+A child: new session, its cgroups (memory and pids), new network and mount namespaces, a private
+tmpfs as its directory (the run's disk quota), rlimits, its own uid (as root), Landlock (writes only
+beneath its directory; reads, where asked, only beneath read_paths), non-dumpable, fds 0/1/2 on the
+run's files plus its pipes and nothing else, a minimal environment, then the program as `__main__`.
 This file must stay importable by a bare interpreter: the standard library only.
 """
 
@@ -17,14 +29,20 @@ import sys
 import threading
 import traceback
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 4, 38, 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _SYS_LANDLOCK_CREATE, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT = 444, 445, 446
-_PR_SET_NO_NEW_PRIVS = 38
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 _LL_WRITE_RIGHTS_V1 = sum(1 << b for b in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))
 _LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14
+
+# Exit codes of a child whose isolation could not be set up (the parent reports "error", never a run).
+SETUP_FAILED, LANDLOCK_FAILED, NETNS_FAILED = 124, 125, 126
 
 
 class _PathBeneath(ctypes.Structure):
@@ -32,19 +50,28 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def landlock_writes_only_under(paths, abi):
-    rights = _LL_WRITE_RIGHTS_V1 | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
-    handled = ctypes.c_uint64(rights)
-    fd = _libc.syscall(_SYS_LANDLOCK_CREATE, ctypes.byref(handled), ctypes.c_size_t(8), ctypes.c_uint32(0))
+def landlock(write_paths, read_paths, abi):
+    """Writes only beneath write_paths; if read_paths is a list, reads (and execution) only beneath those
+    and write_paths. Returns False when the ruleset can't be applied."""
+    write = _LL_WRITE_RIGHTS_V1 | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+    read = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+    handled = write | (read if read_paths is not None else 0)
+    fd = _libc.syscall(_SYS_LANDLOCK_CREATE, ctypes.byref(ctypes.c_uint64(handled)), ctypes.c_size_t(8),
+                       ctypes.c_uint32(0))
     if fd < 0:
         return False
-    for path in paths:
-        allowed = rights if os.path.isdir(path) else ((1 << 1) | (_LL_TRUNCATE if abi >= 3 else 0))
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = _PathBeneath(allowed, pfd)
+    rules = [(p, handled) for p in write_paths] + [(p, read) for p in (read_paths or [])]
+    for path, rights in rules:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if not os.path.isdir(path):
+            rights &= _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | (_LL_TRUNCATE if abi >= 3 else 0)
+        rule = _PathBeneath(rights, pfd)
         _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
         os.close(pfd)
-    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     ok = _libc.syscall(_SYS_LANDLOCK_RESTRICT, ctypes.c_int(fd), ctypes.c_uint32(0)) == 0
     os.close(fd)
     return ok
@@ -61,21 +88,51 @@ def count_uid_processes(uid):
     return n
 
 
-def child(req):
+def _arrange_fds(wanted):
+    """Make exactly `wanted` ({target fd: source fd}) open, every other descriptor closed."""
+    import fcntl
+
+    staged = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 1000) for target, source in wanted.items()}
+    os.closerange(0, 1000)
+    low = 1000
+    for fd in sorted(staged.values()):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+    for target, source in staged.items():
+        os.dup2(source, target, inheritable=True)
+        os.close(source)
+
+
+def _private_tmpfs(path, size_mb, uid):
+    if _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return False
+    options = f"size={int(size_mb)}m,mode=0700" + (f",uid={uid},gid={uid}" if uid is not None else "")
+    return _libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) == 0
+
+
+def child(req, fds):
     """Runs in the forked child: isolate, then run the program. Never returns."""
     try:
         limits = req["limits"]
         os.setsid()
-        fd_in = os.open(req["stdin"], os.O_RDONLY)
-        fd_out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        fd_err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        for src, dst in ((fd_in, 0), (fd_out, 1), (fd_err, 2)):
-            os.dup2(src, dst)
-        os.closerange(3, 65536)
+        wanted = {0: os.open(req["stdin"], os.O_RDONLY),
+                  1: os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                  2: os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), **fds}
+        _arrange_fds(wanted)
         with open(req["program"]) as f:  # read while still privileged: the program lives outside workdir
-            code = compile(f.read(), req["program"], "exec")
-        if req["netns"] and _libc.unshare(CLONE_NEWNET if req["root"] else (CLONE_NEWUSER | CLONE_NEWNET)) != 0:
-            os._exit(126)
+            code = compile(f.read(), req.get("filename") or req["program"], "exec")
+        for cgroup in req.get("cgroups") or []:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        flags = (CLONE_NEWNET if req["netns"] else 0) | (CLONE_NEWNS if req.get("tmpfs_mb") else 0)
+        if flags and not req["root"]:
+            flags |= CLONE_NEWUSER
+        if flags and _libc.unshare(flags) != 0:
+            os._exit(NETNS_FAILED)
+        uid = req["uid"]
+        if req.get("tmpfs_mb") and not _private_tmpfs(req["workdir"], req["tmpfs_mb"], uid):
+            os._exit(SETUP_FAILED)
         cpu = int(limits["timeout_s"]) + 1
         mem = limits["memory_mb"] * 1024 * 1024
         fcap = max(limits["max_output_bytes"] * 2, limits["max_file_bytes"])
@@ -84,7 +141,6 @@ def child(req):
         resource.setrlimit(resource.RLIMIT_FSIZE, (fcap, fcap))
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"], limits["max_open_files"]))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        uid = req["uid"]
         if uid is not None:
             resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_processes"], limits["max_processes"]))
             os.setgroups([])
@@ -93,20 +149,24 @@ def child(req):
         else:
             cap = count_uid_processes(os.getuid()) + limits["max_processes"]
             resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
-        if req["landlock_abi"] and not landlock_writes_only_under([req["workdir"], "/dev/null"], req["landlock_abi"]):
-            os._exit(125)
+        if req["landlock_abi"] and not landlock([req["workdir"], "/dev/null"], req.get("read_paths"),
+                                                req["landlock_abi"]):
+            os._exit(LANDLOCK_FAILED)
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no other process of this uid reads our memory or fds
         os.chdir(req["workdir"])
         os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": req["workdir"], "TMPDIR": req["workdir"], "LANG": "C.UTF-8"})
-        sys.argv = [req["program"]]
+        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": req["workdir"], "TMPDIR": req["workdir"],
+                           "LANG": "C.UTF-8"})
+        sys.argv = [req.get("filename") or req["program"]]
         sys.stdin = open(0, closefd=False)
         sys.stdout = open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False)
+        del req, fds, wanted
     except BaseException:
-        os._exit(124)
+        os._exit(SETUP_FAILED)
     status = 0
     try:
-        exec(code, {"__name__": "__main__", "__file__": req["program"], "__builtins__": __builtins__})
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
     except SystemExit as exit_:
         code_ = exit_.code
         status = code_ if isinstance(code_, int) else (0 if code_ is None else 1)
@@ -123,10 +183,31 @@ def child(req):
     os._exit(status & 0xFF)
 
 
+def _drain(fd):
+    """What a child wrote to its verdict pipe (at most 1 MiB), without waiting on a descendant that
+    still holds the pipe open."""
+    os.set_blocking(fd, False)
+    chunks, size = [], 0
+    while size < 1 << 20:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+    os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
 def main():
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a run come back to us to be reaped
     out_lock = threading.Lock()
     fork_lock = threading.Lock()  # the reaper may only look a pid up once it is recorded
-    pids = {}
+    pids = {}  # pid -> (request id, child index, verdict read fd or None)
 
     def reply(obj):
         with out_lock:
@@ -141,19 +222,36 @@ def main():
                 threading.Event().wait(0.01)
                 continue
             with fork_lock:
-                rid = pids.pop(pid, None)
-            if rid is not None:
-                reply({"id": rid, "status": status})
+                entry = pids.pop(pid, None)
+            if entry is not None:
+                rid, index, verdict_fd = entry
+                verdict = _drain(verdict_fd) if verdict_fd is not None else ""
+                reply({"id": rid, "child": index, "status": status, "verdict": verdict})
 
     threading.Thread(target=reaper, daemon=True).start()
     for line in sys.stdin:
         req = json.loads(line)
+        pipes = [os.pipe() for _ in range(req.get("pipes", 0))]
+        forked = []
         with fork_lock:
-            pid = os.fork()
-            if pid == 0:
-                child(req)
-            pids[pid] = req["id"]
-        reply({"id": req["id"], "pid": pid})
+            for index, spec in enumerate(req["children"]):
+                fds = {int(target): pipes[p][0 if end == "r" else 1] for target, (p, end) in
+                       (spec.get("pipe_fds") or {}).items()}
+                verdict_r = None
+                if spec.get("verdict_fd") is not None:
+                    verdict_r, verdict_w = os.pipe()
+                    fds[int(spec["verdict_fd"])] = verdict_w
+                pid = os.fork()
+                if pid == 0:
+                    child(spec, fds)
+                if verdict_r is not None:
+                    os.close(verdict_w)
+                pids[pid] = (req["id"], index, verdict_r)
+                forked.append(pid)
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+        reply({"id": req["id"], "pids": forked})
 
 
 if __name__ == "__main__":

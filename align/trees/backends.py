@@ -23,19 +23,19 @@ class BackendError(RuntimeError):
 class ModelSpec:
     """One model role (actor or critic): where it runs and how it samples."""
 
-    backend: str = "local"  # local | server
-    model: str = "tiny-mixtral"  # local: hub id / folder / tiny-mixtral; server: the served model name
-    adapter: str | None = None  # local: a PEFT adapter folder (a stage's output)
-    base_urls: list[str] = field(default_factory=list)  # server: one or several, shared round-robin
-    api_key_env: str | None = None  # server: name of the environment variable holding the key
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    concurrency: int = 8  # server: requests in flight at most
-    request_timeout_s: float = 120.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
-    dtype: str = "float32"
+    backend: str = field(default="local", metadata={"help": "local (transformers) or server (OpenAI-compatible)."})
+    model: str = field(default="tiny-mixtral", metadata={"help": "local: hub id / folder / tiny-mixtral; server: the served model name."})
+    adapter: str | None = field(default=None, metadata={"help": "local: a PEFT adapter folder (a stage's output)."})
+    base_urls: list[str] = field(default_factory=list, metadata={"help": "server: one or several, shared round-robin."})
+    api_key_env: str | None = field(default=None, metadata={"help": "server: name of the environment variable holding the key."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0: greedy).", "range": (0.0, 10.0)})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass.", "range": (1e-6, 1.0)})
+    max_new_tokens: int = field(default=256, metadata={"help": "Tokens per answer at most.", "range": (1, 1 << 20)})
+    concurrency: int = field(default=8, metadata={"help": "server: requests in flight at most.", "range": (1, 4096)})
+    request_timeout_s: float = field(default=120.0, metadata={"help": "server: deadline of one request, whole.", "range": (0.01, 86400.0)})
+    max_retries: int = field(default=4, metadata={"help": "server: retries of a failed request.", "range": (0, 100)})
+    backoff_s: float = field(default=1.0, metadata={"help": "server: first retry delay (doubles).", "range": (0.0, 600.0)})
+    dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16 or float16."})
 
 
 class RowSampler:
@@ -115,77 +115,132 @@ class LocalBackend:
 
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_AFTER_CAP_S = 60.0
+
+
+class UnusableReply(ValueError):
+    """A 200 reply with no usable text (content missing, null, a number, a list ...)."""
+
+
+def reply_text(completion) -> str:
+    """The assistant text of a chat completion, checked: a string, lone surrogates replaced."""
+    try:
+        content = completion.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise UnusableReply("no choices[0].message.content in the reply") from None
+    if not isinstance(content, str):
+        raise UnusableReply(f"content is {type(content).__name__}, not text")
+    return content.encode("utf-8", "replace").decode("utf-8") if _has_surrogates(content) else content
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds from a Retry-After header (a number or an HTTP date), None when absent or unreadable."""
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            import datetime
+
+            seconds = (parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return seconds if seconds == seconds and seconds >= 0 else None
 
 
 class ServerBackend:
-    """An OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, SGLang, `transformers serve`, hosted APIs).
+    """An OpenAI-compatible `/v1/chat/completions` endpoint (vLLM, SGLang, `transformers serve`, hosted APIs),
+    through the `openai` client.
 
-    Each of the n samples is its own request (seed + i), since not every server honours `n`. Requests
-    are limited by a semaphore, time out, and are retried with exponential backoff and jitter on 429,
-    5xx and connection errors; base URLs are used round-robin.
+    Each of the n samples is its own request (seed + i), since not every server honours `n`. Requests are
+    limited by a semaphore; base URLs are used round-robin. The retries are ours, not the client's
+    (`max_retries=0`): its timeout applies to each read, so a server trickling a byte every half second
+    answered after 10.6 s under `timeout=1` (measured); and it does not retry a 200 whose content is
+    unusable. Here each attempt has a deadline for the whole request (`request_timeout_s`); a timeout,
+    a connection error, a 408/409/425/429/5xx, or a reply without text is retried with exponential backoff
+    and jitter, or after the server's Retry-After (capped at 60 s); after `max_retries` it is a
+    BackendError, which the builder records in failures.jsonl.
     """
 
     def __init__(self, spec: ModelSpec):
-        import httpx
+        from openai import AsyncOpenAI
 
         if not spec.base_urls:
             raise AlignError("server backend: 'base_urls' is empty")
         self.spec = spec
         self.name = spec.model
-        self._urls = itertools.cycle([u.rstrip("/") for u in spec.base_urls])
-        headers = {}
+        key = "EMPTY"  # local servers take any key; the client refuses none
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
                 raise AlignError(f"server backend: environment variable {spec.api_key_env} (api_key_env) is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(headers=headers, timeout=spec.request_timeout_s)
+        self._clients = [AsyncOpenAI(base_url=url.rstrip("/"), api_key=key, max_retries=0,
+                                     timeout=spec.request_timeout_s) for url in spec.base_urls]
+        self._next = itertools.cycle(range(len(self._clients)))
         self._semaphore = asyncio.Semaphore(spec.concurrency)
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests = 0
         self.retries = 0
 
-    async def _one(self, messages: list[dict], seed: int) -> str:
-        import httpx
+    async def _attempt(self, client, messages: list[dict], seed: int) -> str:
+        async with self._semaphore:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.requests += 1
+            try:
+                completion = await asyncio.wait_for(client.chat.completions.create(
+                    model=self.spec.model, messages=messages, max_tokens=self.spec.max_new_tokens,
+                    temperature=self.spec.temperature, top_p=self.spec.top_p, seed=seed), self.spec.request_timeout_s)
+            finally:
+                self.in_flight -= 1
+        return reply_text(completion)
 
-        body = {"model": self.spec.model, "messages": messages, "max_tokens": self.spec.max_new_tokens,
-                "temperature": self.spec.temperature, "top_p": self.spec.top_p, "seed": seed}
+    async def _one(self, messages: list[dict], seed: int) -> str:
+        import openai
+
         last = "no attempt"
         rng = random.Random(seed)
         for attempt in range(self.spec.max_retries + 1):
-            url = next(self._urls) + "/chat/completions"
-            async with self._semaphore:
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                self.requests += 1
-                try:
-                    response = await self._client.post(url, json=body)
-                except (httpx.TransportError, httpx.TimeoutException) as err:
-                    last = f"{type(err).__name__} from {url}"
-                    response = None
-                finally:
-                    self.in_flight -= 1
-            if response is not None:
-                if response.status_code == 200:
-                    try:
-                        return response.json()["choices"][0]["message"]["content"] or ""
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        last = f"malformed response from {url}"
-                elif response.status_code in RETRY_STATUS:
-                    last = f"HTTP {response.status_code} from {url}"
-                else:
-                    raise BackendError(f"HTTP {response.status_code} from {url}: {response.text[:200]}")
+            client = self._clients[next(self._next)]
+            wait = None
+            try:
+                return await self._attempt(client, messages, seed)
+            except asyncio.TimeoutError:
+                last = f"Timeout: no complete reply within {self.spec.request_timeout_s:g} s from {client.base_url}"
+            except openai.APIStatusError as err:
+                last = f"HTTP {err.status_code} from {client.base_url}: {' '.join(str(err.message).split())[:200]}"
+                if err.status_code not in RETRY_STATUS and err.status_code < 500:
+                    raise BackendError(last) from None
+                wait = _retry_after(err.response.headers)
+            except UnusableReply as err:
+                last = f"unusable reply from {client.base_url}: {err}"
+            except Exception as err:  # connection errors, bodies that are not JSON or not gzip, ...: retried
+                last = f"{type(err).__name__} from {client.base_url}: {' '.join(str(err).split())[:200]}"
             if attempt < self.spec.max_retries:
                 self.retries += 1
-                await asyncio.sleep(self.spec.backoff_s * (2 ** attempt) * (0.5 + rng.random()))
+                backoff = self.spec.backoff_s * (2 ** attempt) * (0.5 + rng.random())
+                await asyncio.sleep(min(wait, RETRY_AFTER_CAP_S) if wait is not None else backoff)
         raise BackendError(f"gave up after {self.spec.max_retries + 1} attempts: {last}")
 
     async def generate(self, messages: list[dict], n: int, seed: int) -> list[str]:
         return list(await asyncio.gather(*(self._one(messages, seed + i) for i in range(n))))
 
     async def aclose(self):
-        await self._client.aclose()
+        for client in self._clients:
+            await client.close()
 
 
 def make_backend(spec: ModelSpec):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.trees.backends import BackendError, ModelSpec, make_backend
-from align.trees.critic import LLMCritic, ObservationCritic, feedback_turn
+from align.trees.critic import LLMCritic, ObservationCritic, feedback_turn, load_template
 from align.trees.problems import Problem, load_problems
 from align.trees.sandbox import SandboxLimits
-from align.trees.store import TreeStore
+from align.trees.store import StoreLocked, TreeStore, write_atomic
 from align.trees.verifiers import verify
 
 BUILD_INFO = "build_info.json"
@@ -40,12 +40,12 @@ class CriticSpec(ModelSpec):
 class TreesConfig:
     problems: str = field(default="arithmetic:64:0", metadata={"help": "Dataset path/hub id, or humaneval, arithmetic[:N[:SEED]]."})
     output_dir: str = field(default="data/preference_trees/run", metadata={"help": "Where trees.jsonl grows."})
-    max_turns: int = field(default=5, metadata={"help": "Turns per tree at most (UltraInteract: 5)."})
-    samples_per_turn: int = field(default=2, metadata={"help": "Actions sampled per turn (at least 2)."})
+    max_turns: int = field(default=5, metadata={"help": "Turns per tree at most (UltraInteract: 5).", "range": (1, 20)})
+    samples_per_turn: int = field(default=2, metadata={"help": "Actions sampled per turn (at least 2).", "range": (2, 64)})
     seed: int = field(default=0, metadata={"help": "Seeds sampling and the pair choice."})
-    parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently; with a local model, the group of trees whose requests are one batch per turn."})
-    verifier_workers: int = field(default=4, metadata={"help": "Threads running verifiers and the sandbox."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first N problems."})
+    parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently; with a local model, the group of trees whose requests are one batch per turn.", "range": (1, 4096)})
+    verifier_workers: int = field(default=4, metadata={"help": "Threads running verifiers and the sandbox.", "range": (1, 256)})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N problems.", "range": (1, None)})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip invalid problem rows (listed in a report)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     actor: dict = field(default_factory=dict, metadata={"help": "ModelSpec of the actor."})
@@ -57,21 +57,48 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
     from align.config import validate_keys
 
     top = TreesConfig(**validate_keys(values, [TreesConfig], source))
+    for name in ("actor", "critic", "sandbox"):
+        if not isinstance(getattr(top, name), dict):
+            raise AlignError(f"{source}: key '{name}' must be a mapping")
     actor = ModelSpec(**validate_keys(top.actor, [ModelSpec], f"{source}: actor"))
     critic = CriticSpec(**validate_keys(top.critic, [CriticSpec], f"{source}: critic"))
-    limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
-    if top.samples_per_turn < 2:
-        raise AlignError(f"{source}: key 'samples_per_turn' must be at least 2 (a pair needs two siblings)")
-    if not 1 <= top.max_turns <= 20:
-        raise AlignError(f"{source}: key 'max_turns' must be between 1 and 20")
+    try:
+        limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
+    except ValueError as err:
+        raise AlignError(f"{source}: {err}") from None
     if critic.type not in ("observation", "llm"):
         raise AlignError(f"{source}: critic: key 'type' must be observation or llm, got {critic.type!r}")
+    if critic.type == "llm":
+        load_template(critic.template)
     for name, spec in (("actor", actor), ("critic", critic)):
         if spec.backend not in ("local", "server"):
             raise AlignError(f"{source}: {name}: key 'backend' must be local or server, got {spec.backend!r}")
         if spec.backend == "server" and not spec.base_urls and (name == "actor" or critic.type == "llm"):
             raise AlignError(f"{source}: {name}: key 'base_urls' is required for the server backend")
     return top, actor, critic, limits
+
+
+def _check_or_record_settings(out: Path, settings: dict, command: str) -> None:
+    """build_info.json records what the trees were built with; a rerun must match it to resume."""
+    info_path = out / BUILD_INFO
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            previous = info["settings"]
+            if not isinstance(previous, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise AlignError(f"{info_path}: corrupt (not the JSON this project writes); delete it to adopt the trees "
+                             "there with this recipe's settings, or use a new output_dir") from None
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise AlignError(f"{out}: holds trees built with other settings (changed: {', '.join(changed)}); "
+                             "use a new output_dir to build with these")
+        return
+    import align
+
+    write_atomic(info_path, json.dumps({"settings": settings, "command": command, "align_version": align.__version__},
+                                       indent=2))
 
 
 def tree_hash(problem: Problem) -> str:
@@ -99,7 +126,7 @@ class TreeBuilder:
             texts = await self.actor.generate(history, cfg.samples_per_turn, seed)
             verdicts = await asyncio.gather(*(self._verify(problem, t) for t in texts))
             actions = [{"text": t, "correct": v.correct, "observation": v.observation, "extracted": v.extracted,
-                        "status": v.status} for t, v in zip(texts, verdicts)]
+                        "status": v.status, "isolation": v.isolation} for t, v in zip(texts, verdicts)]
             correct = [i for i, a in enumerate(actions) if a["correct"]]
             wrong = [i for i, a in enumerate(actions) if not a["correct"]]
             rng = random.Random(seed)
@@ -199,48 +226,69 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     """Build a tree for every problem not yet in output_dir; `actor` may be a ready backend object."""
     problems, skipped = load_problems(config.problems, config.skip_bad_rows, config.limit)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = settings_of(config, actor_spec, critic_spec, limits)
-    info_path = out / BUILD_INFO
-    if info_path.exists():
-        previous = json.loads(info_path.read_text()).get("settings")
-        if previous != settings:
-            changed = sorted(k for k in set(previous or {}) | set(settings) if (previous or {}).get(k) != settings.get(k))
-            raise AlignError(f"{out}: holds trees built with other settings (changed: {', '.join(changed)}); "
-                             "use a new output_dir to build with these")
-    else:
-        import align
-
-        info_path.write_text(json.dumps({"settings": settings, "command": command, "align_version": align.__version__},
-                                        indent=2))
-    if skipped:
-        (out / "skipped_rows.txt").write_text("\n".join(skipped) + "\n")
-        print(f"[align] trees: skipped {len(skipped)} bad problem rows (listed in {out / 'skipped_rows.txt'})",
-              file=sys.stderr)
-
-    store = TreeStore(out)
+    try:
+        store = TreeStore(out)  # one build per folder at a time
+    except StoreLocked:
+        raise AlignError(f"{out}: another build is writing to this folder (wait for it, or use another output_dir)") from None
+    except OSError as err:
+        raise AlignError(f"{out}: cannot be written ({err.strerror})") from None
+    try:
+        _check_or_record_settings(out, settings_of(config, actor_spec, critic_spec, limits), command)
+        if skipped:
+            write_atomic(out / "skipped_rows.txt", "\n".join(skipped) + "\n")
+            print(f"[align] trees: skipped {len(skipped)} bad problem rows (listed in {out / 'skipped_rows.txt'})",
+                  file=sys.stderr)
+    except OSError as err:
+        store.close()
+        raise AlignError(f"{out}: cannot be written ({err.strerror}); free space and rerun, which resumes") from None
+    except BaseException:
+        store.close()
+        raise
     todo = [p for p in problems if p.id not in store.done]
     summary = {"problems": len(problems), "already_done": len(problems) - len(todo), "built": 0, "failed": 0,
                "skipped_rows": len(skipped), "output": str(out / "trees.jsonl")}
     if not todo:
         store.close()
         return summary
-    actor = actor or make_backend(actor_spec)
-    if critic_spec.type == "llm":
-        critic = LLMCritic(make_backend(critic_spec), critic_spec.template)
-    else:
-        critic = ObservationCritic()
+    try:
+        actor = actor or make_backend(actor_spec)
+        critic = LLMCritic(make_backend(critic_spec), critic_spec.template) if critic_spec.type == "llm" else ObservationCritic()
+    except BaseException:
+        store.close()
+        raise
     progress = Progress(len(todo), config.progress)
-    queue: asyncio.Queue = asyncio.Queue()
-    for p in todo:
-        queue.put_nowait(p)
+
+    def keep(problem, tree_or_error) -> dict | None:
+        if isinstance(tree_or_error, BackendError):  # after its retries: reported, retried on the next run
+            store.record_failure(problem.id, str(tree_or_error))
+            summary["failed"] += 1
+            progress.add(None)
+            return None
+        return tree_or_error
+
+    def save(trees: list[dict]) -> None:
+        try:
+            store.append_many(trees)
+        except OSError as err:
+            raise AlignError(f"{store.path}: could not be written ({err.strerror}); the trees finished so far are "
+                             "kept: free space and rerun to resume") from None
+        summary["built"] += len(trees)
+        for tree in trees:
+            progress.add(tree)
+
+    async def attempt(tree_builder, problem):
+        try:
+            return await tree_builder.build(problem)
+        except BackendError as err:
+            return err
+
     with ThreadPoolExecutor(config.verifier_workers) as executor:
         builder = TreeBuilder(actor, critic, config, limits, executor)
 
         async def batched_groups():
             """Local models: groups of parallel_trees consecutive problems (of the full list, so a
             resumed run batches like a fresh one), each group's requests one batch per turn."""
-            size = max(1, config.parallel_trees)
+            size = config.parallel_trees
             for start in range(0, len(problems), size):
                 group = [p for p in problems[start:start + size] if p.id not in store.done]
                 if not group:
@@ -250,35 +298,29 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
 
                 async def one(problem):
                     try:
-                        return await group_builder.build(problem)
+                        return await attempt(group_builder, problem)
                     finally:
                         barrier.tree_done()
 
-                trees = await asyncio.gather(*(one(p) for p in group))
-                store.append_many(trees)
-                summary["built"] += len(trees)
-                for tree in trees:
-                    progress.add(tree)
+                results = await asyncio.gather(*(one(p) for p in group))
+                save([t for t in (keep(p, r) for p, r in zip(group, results)) if t is not None])
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for p in todo:
+            queue.put_nowait(p)
 
         async def worker():
             while not queue.empty():
                 problem = queue.get_nowait()
-                try:
-                    tree = await builder.build(problem)
-                except BackendError as err:
-                    store.record_failure(problem.id, str(err))
-                    summary["failed"] += 1
-                    progress.add(None)
-                    continue
-                store.append(tree)
-                summary["built"] += 1
-                progress.add(tree)
+                tree = keep(problem, await attempt(builder, problem))
+                if tree is not None:
+                    save([tree])
 
         try:
             if hasattr(actor, "generate_batch"):
                 await batched_groups()
             else:
-                await asyncio.gather(*(worker() for _ in range(max(1, config.parallel_trees))))
+                await asyncio.gather(*(worker() for _ in range(config.parallel_trees)))
         finally:
             progress.close()
             store.close()

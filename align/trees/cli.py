@@ -35,6 +35,8 @@ def trees_main(argv: list[str]):
 
         values = load_recipe_file(args.config)
         values.update(parse_cli_overrides(overrides))
+        if "problems" not in values:  # no silent default build from a recipe that names nothing
+            raise AlignError(f"{args.config}: key 'problems' is required (a trees recipe names its problems)")
         config, actor, critic, limits = parse_trees_config(values, args.config)
         summary = build_trees(config, actor, critic, limits, command=command)
         print(json.dumps(summary))
@@ -61,40 +63,44 @@ def trees_main(argv: list[str]):
     return 0
 
 
+def _limits(where: str, **values):
+    from align.trees.sandbox import SandboxLimits
+
+    try:
+        return SandboxLimits(**values)
+    except ValueError as err:
+        raise AlignError(str(err).replace("sandbox: ", f"{where}: --").replace("timeout_s", "timeout")
+                         .replace("memory_mb", "memory-mb")) from None
+
+
 def verify_main(argv: list[str]):
     """One JSON verdict per response row, then `N passed, M failed`."""
     parser = ArgumentParser(prog="align verify")
     parser.add_argument("--problems", required=True, help="problems (dataset path or humaneval / arithmetic:N:SEED)")
     parser.add_argument("--responses", required=True, help="jsonl rows with problem_id (or id) and response")
-    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code run (default 10)")
     args = parser.parse_args(argv)
-    from align.trees.problems import load_problems
-    from align.trees.sandbox import SandboxLimits
+    limits = _limits("align verify", timeout_s=args.timeout)
+    from align.trees.problems import load_problems, read_jsonl
     from align.trees.verifiers import verify
 
+    rows = read_jsonl(args.responses)  # every row checked before the first verdict
     problems = {p.id: p for p in load_problems(args.problems)[0]}
-    passed = failed = 0
-    try:
-        lines = open(args.responses).read().splitlines()
-    except OSError as err:
-        raise AlignError(f"responses: {args.responses}: {err.strerror}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AlignError(f"{args.responses}:{n}: not valid JSON ({err.msg})") from None
-        pid = str(row.get("problem_id", row.get("id", "")))
-        if pid not in problems:
+    checked = []
+    for n, row in rows:
+        pid = row.get("problem_id", row.get("id"))
+        if type(pid) not in (str, int) or str(pid) not in problems:
             raise AlignError(f"{args.responses}:{n}: problem_id {pid!r} is not among the problems")
         if not isinstance(row.get("response"), str):
-            raise AlignError(f"{args.responses}:{n}: field 'response' is missing")
-        v = verify(problems[pid], row["response"], SandboxLimits(timeout_s=args.timeout))
+            raise AlignError(f"{args.responses}:{n}: field 'response' must be a string")
+        checked.append((str(pid), row["response"]))
+    passed = failed = 0
+    for pid, response in checked:
+        v = verify(problems[pid], response, limits)
         passed += v.correct
         failed += not v.correct
         print(json.dumps({"problem_id": pid, "correct": v.correct, "observation": v.observation,
-                          "extracted": v.extracted, "status": v.status}), flush=True)
+                          "extracted": v.extracted, "status": v.status, "isolation": v.isolation}), flush=True)
     print(f"{passed} passed, {failed} failed")
     return 0
 
@@ -104,15 +110,14 @@ def sandbox_main(argv: list[str]):
     sub = parser.add_subparsers(dest="action", required=True)
     r = sub.add_parser("run", help="run one Python file in the sandbox and print the JSON verdict")
     r.add_argument("file")
-    r.add_argument("--timeout", type=float, default=10.0)
-    r.add_argument("--memory-mb", type=int, default=1024)
+    r.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds (default 10)")
+    r.add_argument("--memory-mb", type=int, default=1024, help="memory of all its processes together (default 1024)")
     args = parser.parse_args(argv)
-    from align.trees.sandbox import SandboxLimits, run_python
+    limits = _limits("align sandbox run", timeout_s=args.timeout, memory_mb=args.memory_mb)
+    from align.errors import read_user_text
+    from align.trees.sandbox import run_python
 
-    try:
-        code = open(args.file).read()
-    except OSError as err:
-        raise AlignError(f"{args.file}: {err.strerror}") from None
-    result = run_python(code, SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb))
+    code = read_user_text(args.file, "program")
+    result = run_python(code, limits)
     print(result.to_json())
     return 0

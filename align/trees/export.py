@@ -86,6 +86,7 @@ def tree_stats(trees: list[dict]) -> dict:
         per_task[task]["correct_actions"] += sum(a["correct"] for t in tree["turns"] for a in t["actions"])
         per_task[task]["actions"] += sum(len(t["actions"]) for t in tree["turns"])
         per_task[task]["solved"] += bool(tree["solved"])
+        per_task[task]["in_process"] += any(a.get("isolation") == "in-process" for t in tree["turns"] for a in t["actions"])
         by_turns[len(tree["turns"])] += 1
         for t in tree["turns"]:
             tried[t["turn"]] += len(t["actions"])
@@ -94,6 +95,7 @@ def tree_stats(trees: list[dict]) -> dict:
         "trees": len(trees),
         "pairs": sum(c["pairs"] for c in per_task.values()),
         "correct_actions": sum(c["correct_actions"] for c in per_task.values()),
+        "in_process_problems": sum(c["in_process"] for c in per_task.values()),
         "per_task": {k: dict(v) for k, v in sorted(per_task.items())},
         "trajectories_by_turns": {k: by_turns[k] for k in sorted(by_turns)},
         "pass_rate_per_turn": {k: round(correct[k] / tried[k], 4) for k in sorted(tried)},
@@ -101,7 +103,9 @@ def tree_stats(trees: list[dict]) -> dict:
 
 
 def format_stats(stats: dict) -> str:
-    lines = [f"trees {stats['trees']}  pairs {stats['pairs']}  correct actions {stats['correct_actions']}", "",
+    lines = [f"trees {stats['trees']}  pairs {stats['pairs']}  correct actions {stats['correct_actions']}"
+             + (f"  problems verified in-process (tests and candidate in one process, forgeable) "
+                f"{stats['in_process_problems']}" if stats.get("in_process_problems") else ""), "",
              "| task | trees | solved | pairs | correct actions | actions |", "|---|---|---|---|---|---|"]
     for task, c in stats["per_task"].items():
         lines.append(f"| {task} | {c['trees']} | {c.get('solved', 0)} | {c['pairs']} | {c['correct_actions']} | {c['actions']} |")
@@ -129,6 +133,10 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     sft = sft_rows(trees, leaves_only)
     pairs = pair_rows(trees)
     kto = kto_rows(trees)
+    from align.leaks import check_rows
+
+    for name, rows in (("sft", sft), ("pairs", pairs), ("kto", kto)):
+        check_rows(rows, f"{trees_path}: {name} export")
     counts = {
         "sft": _save(sft, out / "sft", ids + ["prompt", "completion", "instruction", "response"]),
         "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),

@@ -53,12 +53,13 @@ class Problem:
 def problem_from_row(row: dict, where: str) -> Problem:
     """Validate one input row; raise AlignError naming `where` (file:row) and the field."""
 
-    def need(name, kind=str):
+    def need(name, kinds=(str,)):
         value = row.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
             raise AlignError(f"{where}: field '{name}' is missing or empty")
-        if not isinstance(value, kind):
-            raise AlignError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
+        if type(value) not in kinds:  # exact types: True is not an id, a float is not a string
+            raise AlignError(f"{where}: field '{name}' must be {' or '.join(k.__name__ for k in kinds)}, "
+                             f"got {type(value).__name__}")
         return value
 
     pid = str(need("id", (str, int)))
@@ -71,6 +72,12 @@ def problem_from_row(row: dict, where: str) -> Problem:
     elif task == "code":
         problem.tests = need("tests")
         problem.entry_point = need("entry_point")
+        if not problem.entry_point.isidentifier():
+            raise AlignError(f"{where}: field 'entry_point' must be a function name, got {problem.entry_point!r}")
+        try:
+            compile(problem.tests, f"{where} tests", "exec")
+        except (SyntaxError, ValueError) as err:
+            raise AlignError(f"{where}: field 'tests' is not valid Python ({getattr(err, 'msg', err)})") from None
         if "def check" not in problem.tests:
             raise AlignError(f"{where}: field 'tests' must define check(candidate)")
     else:
@@ -181,21 +188,38 @@ def builtin_problems(spec: str) -> list[Problem] | None:
     return None
 
 
-def _read_rows(path: str) -> list[dict]:
+def read_jsonl(path: str | Path, lenient: bool = False) -> list[tuple[int, object]]:
+    """(line number, row) of a jsonl file whose every non-blank line is a JSON object, or one line naming
+    the file and line that is not. lenient: such a line comes back as its AlignError instead."""
+    from align.errors import read_user_text
+
+    rows: list[tuple[int, object]] = []
+    for i, line in enumerate(read_user_text(path, "jsonl file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise AlignError(f"{path}:{i}: a row must be a JSON object, got {type(row).__name__}")
+        except (json.JSONDecodeError, RecursionError) as err:
+            row = AlignError(f"{path}:{i}: not valid JSON ({getattr(err, 'msg', 'nested too deeply')})")
+        except AlignError as err:
+            row = err
+        if isinstance(row, AlignError) and not lenient:
+            raise row
+        rows.append((i, row))
+    return rows
+
+
+def _read_rows(path: str) -> list[tuple[str, object]]:
+    """(where, row) of every row of a problems file or dataset; a row that is no mapping is its AlignError."""
     p = Path(path)
     if p.suffix == ".jsonl" and p.is_file():
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise AlignError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-        return rows
+        return [(f"{path}:{i}", row) for i, row in read_jsonl(p, lenient=True)]
     from align.data import load_one
 
-    return load_one(path).to_list()
+    rows = load_one(path).to_list()
+    return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
 
 
 def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]]:
@@ -207,9 +231,12 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
             raise AlignError(f"problems: {spec} not found")
         problems = []
         seen = set()
-        for i, row in enumerate(_read_rows(spec)):
-            where = f"{spec}: row {i}"
+        for where, row in _read_rows(spec):
             try:
+                if isinstance(row, AlignError):
+                    raise row
+                if not isinstance(row, dict):
+                    raise AlignError(f"{where}: a row must be a mapping of fields, got {type(row).__name__}")
                 problem = problem_from_row(row, where)
                 if problem.id in seen:
                     raise AlignError(f"{where}: field 'id' repeats {problem.id!r}")

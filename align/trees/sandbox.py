@@ -1,20 +1,28 @@
-"""Run untrusted, model-written Python with time, memory, process, output and network limits.
+"""Run untrusted, model-written Python with time, memory, process, disk, output and network limits.
 
-Runs are forked from a small zygote process (align/trees/_zygote.py) started once, so a run costs a
-fork rather than an interpreter start. Every run gets: its own process session/group, a private temporary directory (deleted afterwards), a
-wall-clock timeout enforced by the parent, RLIMIT_CPU / RLIMIT_AS / RLIMIT_FSIZE / RLIMIT_NOFILE, a cap
-on captured output, a fresh network namespace (no interfaces but a down loopback) and, afterwards, the
-death of every process it started.
+Runs are forked from a small zygote process (align/trees/_zygote.py), started once with an environment
+built from nothing, so a run costs a fork rather than an interpreter start and inherits no variable of
+ours (no token, no key). Every child of a run gets: its own session, a private temporary directory (a
+tmpfs of `max_disk_mb`, deleted afterwards, where mount namespaces work), a wall-clock timeout enforced
+here, RLIMIT_CPU / RLIMIT_AS / RLIMIT_FSIZE / RLIMIT_NOFILE, a cap on captured output, a fresh network
+namespace, a memory and a process-count cgroup holding all its processes together (memfd and shared
+memory included), and afterwards the death of every process it started, before the result returns.
 
-How processes are contained depends on privilege:
-- as root (CI, containers): the child switches to a uid of its own from a private range, so
-  RLIMIT_NPROC bounds fork bombs and `kill(-1)` as that uid reaches every descendant, even ones that
-  called setsid() to leave the process group. It cannot write files outside its directory that it
-  doesn't own.
-- everywhere Landlock exists (Linux 5.13+): file-system writes only beneath its own directory.
-- as a normal user: a user+network namespace where the kernel allows it, RLIMIT_NPROC on the user, and
-  the process group plus a /proc walk for cleanup. If no network namespace can be made, the socket
-  module is disabled inside the child instead (`network` in the verdict says which).
+How processes are contained depends on what the machine allows (`capabilities()`):
+- as root (CI, containers): each child switches to a uid of its own, so RLIMIT_NPROC bounds fork bombs,
+  other processes' memory and files are out of reach, and `kill(-1)` as that uid reaches every
+  descendant, even ones that called setsid().
+- cgroups (v2, or v1 memory + pids, where this process may create child groups): `memory_mb` bounds the
+  run's processes together, `max_processes` their number. Otherwise (the stated fallback) memory is
+  bounded per process by RLIMIT_AS, which memfd and shared memory escape.
+- Landlock (Linux 5.13+): writes only beneath the child's directory; the candidate side of a code
+  verification may also read only system and interpreter folders (not /proc, /tmp or home folders).
+- as a normal user: a user+network(+mount) namespace where the kernel allows it, RLIMIT_NPROC on the
+  user, and the process group plus a /proc walk for cleanup. Without a network namespace the socket
+  module is disabled inside the child instead (`network` in the result says which).
+
+Code verification (`run_tests_isolated`) runs the tests and the candidate in two such children; see
+align/trees/_harness.py.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -31,8 +40,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 UID_RANGE = (200_000, 260_000)  # far from any real account
@@ -50,15 +60,42 @@ _s.socket = _no_net; _s.create_connection = _no_net; _s.socketpair = _no_net
 del _s, _no_net
 """
 
+# (minimum, maximum) of every limit; anything else, and nan / inf, is refused.
+LIMIT_BOUNDS = {
+    "timeout_s": (0.05, 3600.0),
+    "memory_mb": (16, 1 << 20),
+    "max_processes": (1, 4096),
+    "max_output_bytes": (1, 1 << 30),
+    "max_file_bytes": (1, 1 << 40),
+    "max_open_files": (16, 65536),
+    "max_disk_mb": (1, 1 << 20),
+}
+
 
 @dataclass
 class SandboxLimits:
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
-    max_processes: int = 32
-    max_output_bytes: int = 64 * 1024
-    max_file_bytes: int = 16 * 1024 * 1024
-    max_open_files: int = 64
+    timeout_s: float = field(default=10.0, metadata={"help": "Wall-clock seconds per run (CPU time: one more)."})
+    memory_mb: int = field(default=1024, metadata={"help": "Memory of all a run's processes together, in MiB."})
+    max_processes: int = field(default=32, metadata={"help": "Processes and threads a run may have at once."})
+    max_output_bytes: int = field(default=64 * 1024, metadata={"help": "Captured stdout / stderr, each, in bytes."})
+    max_file_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest file a run may write."})
+    max_open_files: int = field(default=64, metadata={"help": "Open file descriptors per process."})
+    max_disk_mb: int = field(default=64, metadata={"help": "Disk of the run's directory (a tmpfs), in MiB."})
+
+    def __post_init__(self):
+        check_limits(self)
+
+
+def check_limits(limits: SandboxLimits, where: str = "sandbox") -> SandboxLimits:
+    """Every limit a finite number within its bounds; ValueError naming the key otherwise."""
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        low, high = LIMIT_BOUNDS[f.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {f.name} must be a number, got {value!r}")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"{where}: {f.name} must be between {low} and {high}, got {value!r}")
+    return limits
 
 
 @dataclass
@@ -81,30 +118,168 @@ _SYS_LANDLOCK_CREATE = 444
 
 
 def landlock_abi() -> int:
-    """Landlock ABI version (0: unavailable). Landlock confines the child's file-system writes."""
+    """Landlock ABI version (0: unavailable). Landlock confines the child's file-system access."""
     abi = _libc.syscall(_SYS_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     return abi if abi > 0 else 0
 
 
-def _can_unshare(flags: int) -> bool:
+def _in_child(fn) -> bool:
+    """Whether `fn()` succeeds (returns True) in a forked child: a probe that can't disturb us."""
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if _libc.unshare(flags) == 0 else 1)
+        try:
+            os._exit(0 if fn() else 1)
+        except BaseException:
+            os._exit(1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
 
 
-_CAPS: dict[str, bool] = {}
+def _probe_tmpfs(root: bool) -> bool:
+    folder = tempfile.mkdtemp(prefix="align-probe-")
+
+    def mount():
+        flags = CLONE_NEWNS | (0 if root else CLONE_NEWUSER)
+        if _libc.unshare(flags) != 0 or _libc.mount(b"none", b"/", None, (1 << 14) | (1 << 18), None) != 0:
+            return False
+        return _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", 6, b"size=1m,mode=0700") == 0
+
+    try:
+        return _in_child(mount)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def capabilities() -> dict[str, bool]:
+class _Cgroups:
+    """Per-run child groups of this process's own cgroup: memory (all processes together, memfd and
+    shared memory included) and process count. cgroup v2 where it has both controllers, else v1."""
+
+    def __init__(self):
+        self.kind, self.memory_root, self.pids_root = "none", None, None
+        self._ids = itertools.count()
+        try:
+            lines = open("/proc/self/cgroup").read().splitlines()
+        except OSError:
+            return
+        entries = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                entries[c] = path
+        for base in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+            if "" in entries and self._try(os.path.join(base + entries[""].rstrip("/")), None, "v2"):
+                return
+        if "memory" in entries and "pids" in entries:
+            memory = "/sys/fs/cgroup/memory" + entries["memory"].rstrip("/")
+            pids = "/sys/fs/cgroup/pids" + entries["pids"].rstrip("/")
+            self._try(memory, pids, "v1")
+
+    def _try(self, memory_root, pids_root, kind) -> bool:
+        probe = None
+        try:
+            if kind == "v2":
+                controllers = open(os.path.join(memory_root, "cgroup.controllers")).read().split()
+                if not {"memory", "pids"} <= set(controllers):
+                    return False
+            probe = self.create(64 << 20, 8, roots=(memory_root, pids_root), kind=kind)
+            self.kind, self.memory_root, self.pids_root = kind, memory_root, pids_root
+            return True
+        except OSError:
+            return False
+        finally:
+            if probe:
+                self.remove(probe)
+
+    def create(self, memory_bytes: int, max_pids: int, roots=None, kind=None) -> list[str]:
+        memory_root, pids_root = roots or (self.memory_root, self.pids_root)
+        kind = kind or self.kind
+        name = f"align-sandbox-{os.getpid()}-{next(self._ids)}"
+        made = []
+        try:
+            if kind == "v2":
+                folder = os.path.join(memory_root, name)
+                os.mkdir(folder)
+                made.append(folder)
+                _write(folder, "memory.max", memory_bytes)
+                _write(folder, "memory.swap.max", 0, missing_ok=True)
+                _write(folder, "pids.max", max_pids)
+            else:
+                memory, pids = os.path.join(memory_root, name), os.path.join(pids_root, name)
+                os.mkdir(memory)
+                made.append(memory)
+                _write(memory, "memory.limit_in_bytes", memory_bytes)
+                _write(memory, "memory.memsw.limit_in_bytes", memory_bytes, missing_ok=True)
+                os.mkdir(pids)
+                made.append(pids)
+                _write(pids, "pids.max", max_pids)
+        except OSError:
+            self.remove(made)
+            raise
+        return made
+
+    def kill(self, folders: list[str]) -> None:
+        """SIGKILL every process in the groups, again and again, until none is left."""
+        for _ in range(200):
+            alive = False
+            for folder in folders:
+                if self.kind == "v2" and os.path.exists(os.path.join(folder, "cgroup.kill")):
+                    _write(folder, "cgroup.kill", 1, missing_ok=True)
+                for pid in _read_pids(folder):
+                    alive = True
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+            if not alive:
+                return
+            time.sleep(0.002)
+
+    def remove(self, folders: list[str]) -> None:
+        for folder in reversed(folders):
+            for _ in range(100):
+                try:
+                    os.rmdir(folder)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.005)
+
+
+def _write(folder: str, name: str, value, missing_ok: bool = False) -> None:
+    try:
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(str(value))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except OSError:
+        if not missing_ok:
+            raise
+
+
+def _read_pids(folder: str) -> list[int]:
+    try:
+        return [int(p) for p in open(os.path.join(folder, "cgroup.procs")).read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+_CAPS: dict = {}
+_CGROUPS: _Cgroups | None = None
+
+
+def capabilities() -> dict:
     """What isolation this machine allows, probed once per process."""
+    global _CGROUPS
     with _uid_lock:
         if not _CAPS:
             root = os.geteuid() == 0
-            probed = {"root": root, "landlock_abi": landlock_abi(),
-                      "netns": _can_unshare(CLONE_NEWNET) if root else _can_unshare(CLONE_NEWUSER | CLONE_NEWNET)}
-            _CAPS.update(probed)
+            netns_flags = CLONE_NEWNET if root else (CLONE_NEWUSER | CLONE_NEWNET)
+            _CGROUPS = _Cgroups()
+            _CAPS.update({"root": root, "landlock_abi": landlock_abi(),
+                          "netns": _in_child(lambda: _libc.unshare(netns_flags) == 0),
+                          "tmpfs": _probe_tmpfs(root), "cgroups": _CGROUPS.kind})
     return _CAPS
 
 
@@ -168,7 +343,7 @@ def _kill_uid(uid: int) -> None:
 
 
 def _pids_of_uid(uid: int) -> list[int]:
-    """Live processes of `uid` (zombies are dead already; only their parent, often init, can reap them)."""
+    """Live processes of `uid` (zombies are dead already; only their parent can reap them)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -212,61 +387,73 @@ def _read_capped(path: str, cap: int) -> tuple[str, bool]:
     return data.decode("utf-8", errors="replace"), size > cap
 
 
+# The environment the zygote (and so every run) starts from: built from nothing, never inherited.
+ZYGOTE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 class _Zygote:
-    """Client of the zygote process (align/trees/_zygote.py) that forks one isolated child per run."""
+    """Client of the zygote process (align/trees/_zygote.py) that forks the isolated children of a run."""
 
     def __init__(self, python: str):
         self.proc = subprocess.Popen([python, "-I", "-S", "-B", _ZYGOTE_FILE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True,
+                                     env=dict(ZYGOTE_ENV), cwd="/", close_fds=True)
         self._write_lock = threading.Lock()
-        self._events: dict[int, threading.Event] = {}
-        self._pids: dict[int, int] = {}
-        self._status: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._pids: dict[int, list[int]] = {}
+        self._status: dict[int, dict[int, tuple[int, str]]] = {}
         self._ids = itertools.count()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         for line in self.proc.stdout:
             msg = json.loads(line)
-            if "pid" in msg:
-                self._pids[msg["id"]] = msg["pid"]
-            else:
-                self._status[msg["id"]] = msg["status"]
-            event = self._events.get(msg["id"])
-            if event:
-                event.set()
+            with self._cond:
+                if "pids" in msg:
+                    self._pids[msg["id"]] = msg["pids"]
+                else:
+                    self._status.setdefault(msg["id"], {})[msg["child"]] = (msg["status"], msg.get("verdict", ""))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self, request: dict) -> tuple[int, threading.Event]:
+    def start(self, request: dict) -> int:
         rid = next(self._ids)
-        event = threading.Event()
-        self._events[rid] = event
         with self._write_lock:
             self.proc.stdin.write(json.dumps({**request, "id": rid}) + "\n")
             self.proc.stdin.flush()
-        return rid, event
+        return rid
 
-    def wait(self, rid: int, event: threading.Event, timeout: float | None) -> bool:
+    def wait(self, rid: int, children, timeout: float | None) -> bool:
+        """Until every child index in `children` of request `rid` has exited, or `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while rid not in self._status:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            event.wait(remaining if remaining is None else min(remaining, 0.5))
-            event.clear()
-            if not self.alive():
-                raise RuntimeError("the sandbox zygote died")
+        with self._cond:
+            while not set(children) <= set(self._status.get(rid, {})):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if not self.alive():
+                    raise RuntimeError("the sandbox zygote died")
+                self._cond.wait(0.5 if remaining is None else min(remaining, 0.5))
         return True
 
-    def finish(self, rid: int) -> int:
-        self._events.pop(rid, None)
-        self._pids.pop(rid, None)
-        return self._status.pop(rid)
+    def pids(self, rid: int) -> list[int]:
+        with self._cond:
+            while rid not in self._pids and self.alive():
+                self._cond.wait(0.5)
+            return list(self._pids.get(rid, []))
+
+    def finish(self, rid: int) -> dict[int, tuple[int, str]]:
+        with self._cond:
+            self._pids.pop(rid, None)
+            return self._status.pop(rid, {})
 
 
 _ZYGOTE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+_HARNESS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
 _zygote: _Zygote | None = None
 _zygote_lock = threading.Lock()
 
@@ -279,67 +466,183 @@ def _get_zygote(python: str) -> _Zygote:
         return _zygote
 
 
+def candidate_read_paths() -> list[str]:
+    """Where the candidate side of a verification may read: the system's and the interpreter's folders
+    (not /proc, /sys, /tmp, /root or /home: no other process's memory, no other run's files, no token)."""
+    paths = {"/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/dev", sys.base_prefix, sys.prefix,
+             sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(p for p in paths if p and os.path.exists(p))
+
+
+@dataclass
+class _ChildSpec:
+    code: str
+    filename: str
+    stdin: str = ""
+    pipe_fds: dict = field(default_factory=dict)
+    verdict_fd: int | None = None
+    read_paths: list[str] | None = None
+
+
+def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, primary: int = 0):
+    """Fork `children` (connected by `pipes` pipes) under the limits; wait for child `primary` up to the
+    timeout; then kill every process of the run and return ([SandboxResult per child], [verdict text])."""
+    caps = capabilities()
+    root, netns, landlock, tmpfs = caps["root"], caps["netns"], caps["landlock_abi"], caps["tmpfs"]
+    cgroups = _CGROUPS if caps["cgroups"] != "none" else None
+    prepared, requests = [], []
+    try:
+        for spec in children:
+            workdir = tempfile.mkdtemp(prefix="align-sandbox-")
+            os.chmod(workdir, 0o700)
+            uid = _claim_uid() if root else None
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+            out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # ours, 0700: out of the child's reach
+            os.chmod(out_dir, 0o700)
+            groups = cgroups.create(limits.memory_mb << 20, limits.max_processes) if cgroups else []
+            prepared.append((workdir, out_dir, uid, groups))
+            program = os.path.join(out_dir, "main.py")  # read before privileges drop
+            with open(program, "w") as f:
+                f.write(spec.code if netns else _NO_SOCKET_PRELUDE + spec.code)
+            paths = {name: os.path.join(out_dir, name) for name in ("stdin", "stdout", "stderr")}
+            with open(paths["stdin"], "w") as f:
+                f.write(spec.stdin)
+            requests.append({"workdir": workdir, "program": program, "filename": spec.filename, **paths,
+                             "limits": asdict(limits), "uid": uid, "netns": netns, "root": root,
+                             "landlock_abi": landlock, "cgroups": groups,
+                             "tmpfs_mb": limits.max_disk_mb if tmpfs else None, "pipe_fds": spec.pipe_fds,
+                             "verdict_fd": spec.verdict_fd, "read_paths": spec.read_paths if landlock else None})
+        zygote = _get_zygote(sandbox_python(root))
+        start = time.monotonic()
+        rid = zygote.start({"pipes": pipes, "children": requests})
+        finished = zygote.wait(rid, [primary], limits.timeout_s)
+        duration = time.monotonic() - start
+        # Whatever happened, nothing any child started survives the run.
+        pids = zygote.pids(rid)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for workdir, out_dir, uid, groups in prepared:
+            if groups:
+                cgroups.kill(groups)  # no process can leave its cgroup: when it is empty, the run is gone
+            elif uid is not None:
+                _kill_uid(uid)
+        if not root and not cgroups:
+            for pid in pids:
+                for child in _descendants(pid):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except OSError:
+                        pass
+        zygote.wait(rid, range(len(children)), None)
+        statuses = zygote.finish(rid)
+        results, verdicts = [], []
+        for index, (workdir, out_dir, uid, groups) in enumerate(prepared):
+            wait_status, verdict = statuses[index]
+            exit_code = os.waitstatus_to_exitcode(wait_status)
+            status = "ok" if (finished or index != primary) else "timeout"
+            if status == "ok":
+                if exit_code in (124, 125, 126) and duration < 0.5:
+                    status = "error"  # the sandbox itself could not be set up
+                elif exit_code < 0:
+                    status = "killed"  # a signal: CPU limit, file-size limit, memory
+                elif exit_code != 0:
+                    status = "error"
+            stdout, out_trunc = _read_capped(os.path.join(out_dir, "stdout"), limits.max_output_bytes)
+            stderr, err_trunc = _read_capped(os.path.join(out_dir, "stderr"), limits.max_output_bytes)
+            results.append(SandboxResult(
+                status=status, exit_code=exit_code, duration_s=round(duration, 3), stdout=stdout, stderr=stderr,
+                stdout_truncated=out_trunc, stderr_truncated=err_trunc,
+                network="namespace" if netns else "sockets-disabled",
+                extra={"filesystem": "landlock" if landlock else ("uid" if uid is not None else "none"),
+                       "memory": f"cgroup-{cgroups.kind}" if groups else "rlimit-per-process",
+                       "disk": "tmpfs" if tmpfs else "file-size-limit"}))
+            verdicts.append(verdict)
+        return results, verdicts
+    finally:
+        for workdir, out_dir, uid, groups in prepared:
+            if groups:
+                cgroups.kill(groups)
+                cgroups.remove(groups)
+            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if uid is not None:
+                with _uid_lock:
+                    _uids_in_use.discard(uid)
+
+
 def run_python(code: str, limits: SandboxLimits | None = None, stdin: str | None = None) -> SandboxResult:
     """Run `code` as a Python program under the sandbox's limits and return what happened."""
+    results, _ = _run([_ChildSpec(code=code, filename="main.py", stdin=stdin or "")], limits or SandboxLimits())
+    return results[0]
+
+
+def _harness_source() -> str:
+    with open(_HARNESS_FILE) as f:
+        return f.read()
+
+
+@dataclass
+class TestOutcome:
+    passed: bool
+    observation: str
+    isolation: str  # process: tests and candidate apart | in-process: together (the tests could not be split)
+    status: str  # ok | timeout | killed | error (of the process that decided)
+    candidate: SandboxResult
+    calls: int = 0
+
+
+def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = "",
+                       limits: SandboxLimits | None = None) -> TestOutcome:
+    """The tests' `check(candidate)` in one sandboxed process, the candidate's code in another; the verdict
+    comes from the tests' side over a pipe. Falls back to one process (labelled) when the tests pass the
+    candidate something that can't cross, or name what only the candidate defines."""
     limits = limits or SandboxLimits()
-    caps = capabilities()
-    root, netns, landlock = caps["root"], caps["netns"], caps["landlock_abi"]
-    workdir = tempfile.mkdtemp(prefix="align-sandbox-")
-    os.chmod(workdir, 0o700)
-    uid = _claim_uid() if root else None
-    if uid is not None:
-        os.chown(workdir, uid, uid)
-    out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # parent-owned, 0700: out of the child's reach
-    os.chmod(out_dir, 0o700)
-    program = os.path.join(out_dir, "main.py")  # read before privileges drop; the code can't rewrite it
-    with open(program, "w") as f:
-        f.write(code if netns else _NO_SOCKET_PRELUDE + code)
-    paths = {name: os.path.join(out_dir, name) for name in ("stdin", "stdout", "stderr")}
-    with open(paths["stdin"], "w") as f:
-        f.write(stdin or "")
-    zygote = _get_zygote(sandbox_python(uid is not None))
-    request = {"workdir": workdir, "program": program, **paths, "limits": asdict(limits), "uid": uid,
-               "netns": netns, "root": root, "landlock_abi": landlock}
-    start = time.monotonic()
-    rid, event = zygote.start(request)
-    finished = zygote.wait(rid, event, limits.timeout_s)
-    duration = time.monotonic() - start
-    status = "ok" if finished else "timeout"
-    # Whatever happened, nothing the program started survives it.
-    pid = zygote._pids.get(rid)
-    if pid:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if uid is not None:
-        if _pids_of_uid(uid):
-            _kill_uid(uid)
-    elif pid:
-        for child in _descendants(pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except OSError:
-                pass
-    zygote.wait(rid, event, None)
-    wait_status = zygote.finish(rid)
-    exit_code = os.waitstatus_to_exitcode(wait_status)
-    if status == "ok":
-        if exit_code in (124, 125, 126) and duration < 0.5:
-            status = "error"  # the sandbox itself could not be set up
-        elif exit_code < 0:
-            status = "killed"  # a signal: CPU limit, file-size limit, memory
-        elif exit_code != 0:
-            status = "error"
-    stdout, out_trunc = _read_capped(paths["stdout"], limits.max_output_bytes)
-    stderr, err_trunc = _read_capped(paths["stderr"], limits.max_output_bytes)
-    shutil.rmtree(workdir, ignore_errors=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    if uid is not None:
-        with _uid_lock:
-            _uids_in_use.discard(uid)
-    return SandboxResult(
-        status=status, exit_code=exit_code, duration_s=round(duration, 3), stdout=stdout, stderr=stderr,
-        stdout_truncated=out_trunc, stderr_truncated=err_trunc, network="namespace" if netns else "sockets-disabled",
-        extra={"filesystem": "landlock" if landlock else ("uid" if uid is not None else "none")},
-    )
+    harness = _harness_source()
+    tests_side = _ChildSpec(code=f"{harness}\nrun_tests({prompt!r}, {tests!r}, {entry_point!r})\n",
+                            filename="harness.py", pipe_fds={"3": [0, "w"], "4": [1, "r"]}, verdict_fd=5)
+    candidate_side = _ChildSpec(code=f"{harness}\nserve({code!r}, {entry_point!r})\n", filename="harness.py",
+                                pipe_fds={"3": [0, "r"], "4": [1, "w"]}, read_paths=candidate_read_paths())
+    (tests_result, candidate_result), (verdict_text, _) = _run([tests_side, candidate_side], limits, pipes=2)
+    verdict = _parse_verdict(verdict_text)
+    if verdict is not None and verdict.get("split") is False:
+        single = _ChildSpec(code=f"{harness}\nrun_in_process({code!r}, {prompt!r}, {tests!r}, {entry_point!r})\n",
+                            filename="harness.py", verdict_fd=5)
+        (result,), (text,) = _run([single], limits)
+        verdict = _parse_verdict(text) or {}
+        return TestOutcome(bool(verdict.get("passed")) and result.status == "ok",
+                           _outcome_observation(verdict, result), "in-process", result.status, result)
+    if tests_result.status == "timeout":
+        return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "process", "timeout",
+                           candidate_result)
+    if verdict is None:
+        return TestOutcome(False, "The tests could not run (the test side ended without a verdict).", "process",
+                           tests_result.status, candidate_result)
+    passed = verdict.get("passed") is True
+    return TestOutcome(passed, _outcome_observation(verdict, candidate_result), "process", tests_result.status,
+                       candidate_result, int(verdict.get("calls") or 0))
+
+
+def _parse_verdict(text: str) -> dict | None:
+    try:
+        verdict = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return verdict if isinstance(verdict, dict) else None
+
+
+def _outcome_observation(verdict: dict, candidate: SandboxResult) -> str:
+    """What the actor sees: its output when it passed; else the failing test or its own traceback."""
+    printed = candidate.stdout.strip()[-2000:]
+    if verdict.get("passed"):
+        return printed or "All tests passed."
+    observation = str(verdict.get("observation") or "").strip()
+    if verdict.get("gone"):
+        if candidate.stderr.strip():
+            observation += "\n" + "\n".join(candidate.stderr.strip().splitlines()[-12:])
+        if candidate.status == "killed":
+            observation += "\nThe program was killed (a memory, CPU or file-size limit)."
+    return (observation or printed or "The tests failed.").strip()

@@ -35,10 +35,45 @@ def _repair_tail(path: Path) -> int:
     return 0
 
 
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a temporary file beside it, fsync, rename. A full disk or a
+    kill leaves the previous file (or none), never an empty or half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+LOCK_FILE = ".build.lock"
+
+
+class StoreLocked(Exception):
+    pass
+
+
 class TreeStore:
-    def __init__(self, output_dir: str | os.PathLike):
+    """trees.jsonl of one output folder, held by one build at a time (an exclusive lock on the folder)."""
+
+    def __init__(self, output_dir: str | os.PathLike, lock: bool = True):
+        import fcntl
+
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = None
+        if lock:
+            self._lock_fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise StoreLocked(str(self.dir)) from None
         self.path = self.dir / TREES_FILE
         self.repaired_bytes = _repair_tail(self.path)
         self.done: set[str] = {tree["problem"]["id"] for tree in self.trees()}
@@ -51,19 +86,37 @@ class TreeStore:
         self.append_many([tree])
 
     def append_many(self, trees: list[dict]) -> None:
-        """One write and one fsync for a group of trees."""
-        data = "".join(json.dumps(t, ensure_ascii=False, sort_keys=True) + "\n" for t in trees).encode()
-        while data:
-            data = data[os.write(self._fd, data):]
-        os.fsync(self._fd)
+        """One write and one fsync for a group of trees. If the disk fills mid-write, the partial line is
+        cut off again (here, and by the next open), so the store stays one a rerun resumes."""
+        trees = [t for t in trees if t["problem"]["id"] not in self.done]
+        if not trees:
+            return
+        data = "".join(json.dumps(t, ensure_ascii=False, sort_keys=True) + "\n" for t in trees).encode("utf-8", "replace")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
         self.done.update(t["problem"]["id"] for t in trees)
 
     def record_failure(self, problem_id: str, error: str) -> None:
-        with open(self.dir / FAILURES_FILE, "a") as f:
-            f.write(json.dumps({"problem_id": problem_id, "error": error}) + "\n")
+        line = json.dumps({"problem_id": problem_id, "error": error}, ensure_ascii=True) + "\n"
+        with open(self.dir / FAILURES_FILE, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self) -> None:
         os.close(self._fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def iter_trees(path: str | os.PathLike) -> Iterator[dict]:
@@ -72,10 +125,23 @@ def iter_trees(path: str | os.PathLike) -> Iterator[dict]:
         path = path / TREES_FILE
     if not path.exists():
         return
-    with open(path) as f:
-        for line in f:
+    seen = set()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    tree = json.loads(line)
                 except ValueError:
-                    return  # a partial last line: the tree is rebuilt on the next run
+                    if not line.endswith("\n"):
+                        return  # a partial last line (a build is writing, or was killed): rebuilt on the next run
+                    tree = None
+                if not isinstance(tree, dict) or not isinstance(tree.get("problem"), dict) or "turns" not in tree:
+                    from align.errors import AlignError
+
+                    raise AlignError(f"{path}:{number}: not a tree (a corrupt line); delete that line to resume, "
+                                     "the tree is then built again")
+                pid = tree["problem"].get("id")
+                if pid in seen:  # a store written twice over (an older version had no lock): first copy wins
+                    continue
+                seen.add(pid)
+                yield tree

@@ -3,8 +3,8 @@
 math: the final answer against the ground truth (exact numbers first, then Math-Verify with the gold
 answer first, under our own timeout in a worker process, since Math-Verify's signal-based timeouts only
 work on the main thread). logic: normalised exact match (a choice letter or its text). code: the code
-block runs with the problem's tests in the sandbox; passing means the tests ran to the end, so a
-program that exits early (sys.exit(0), os._exit(0)) fails.
+block is tested in the sandbox, its tests in a process of their own (see verify_code); passing means
+the tests' check() ran to the end on the candidate's answers, so an early exit fails.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import re
-import secrets
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
 from align.trees.problems import Problem
-from align.trees.sandbox import SandboxLimits, run_python
+from align.trees.sandbox import SandboxLimits, run_tests_isolated
 
 
 @dataclass
@@ -27,6 +26,7 @@ class Verdict:
     observation: str  # fed back to the actor on a wrong answer: stdout / traceback / the wrong answer
     extracted: str | None = None
     status: str = "checked"
+    isolation: str = "none"  # code: process (tests apart from the candidate) or in-process (the tests could not be split)
 
 
 # ---------------------------------------------------------------- answers
@@ -59,8 +59,15 @@ def final_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+_GROUPED = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
 def _as_number(text: str) -> Fraction | None:
-    t = text.strip().strip("$").replace(",", "").replace("\\!", "").replace(" ", "")
+    t = text.strip().strip("$").replace("\\!", "").replace(" ", "")
+    if "," in t:
+        if not _GROUPED.fullmatch(t):
+            return None  # "1,2" is a pair (or a typo), never twelve: commas only as thousands separators
+        t = t.replace(",", "")
     t = re.sub(r"^\\(?:d?frac)\{(-?\d+)\}\{(\d+)\}$", r"\1/\2", t)
     try:
         return Fraction(t)
@@ -162,35 +169,18 @@ def extract_code(response: str) -> str | None:
     return None
 
 
-def _traceback_tail(stderr: str, lines: int = 12) -> str:
-    return "\n".join(stderr.strip().splitlines()[-lines:])
-
-
 def verify_code(problem: Problem, response: str, limits: SandboxLimits | None = None) -> Verdict:
+    """The problem's tests against the response's code. The tests run in a sandboxed process of their own
+    and call the candidate, in a second one, through a channel that carries built-in values only, so the
+    verdict is decided where the candidate's code cannot reach (align/trees/_harness.py)."""
     code = extract_code(response)
     if code is None:
         return Verdict(False, "No code block found.", None)
-    prefix = problem.extra.get("function_prompt", "") if problem.extra else ""
-    if prefix and f"def {problem.entry_point}" not in code:
-        code = prefix + code  # the answer is a function body continuing the prompt (HumanEval style)
-    nonce = secrets.token_hex(16)
-    program = (f"{code}\n\n{problem.tests}\n\n"
-               f"check({problem.entry_point})\n"
-               f"print({nonce!r}, flush=True)\n")
-    result = run_python(program, limits)
-    passed = result.status == "ok" and result.exit_code == 0 and result.stdout.rstrip().endswith(nonce)
-    if passed:
-        out = result.stdout.replace(nonce, "").strip()
-        return Verdict(True, out or "All tests passed.", code, status=result.status)
-    if result.status == "timeout":
-        observation = f"Timed out after {result.duration_s:.0f} seconds."
-    elif result.stderr.strip():
-        observation = _traceback_tail(result.stderr)
-    elif result.exit_code == 0:
-        observation = "The program exited before the tests finished."
-    else:
-        observation = result.stdout.strip()[-2000:] or f"Exit code {result.exit_code}."
-    return Verdict(False, observation.replace(nonce, ""), code, status=result.status)
+    prompt = problem.extra.get("function_prompt", "") if problem.extra else ""
+    if prompt and f"def {problem.entry_point}" not in code:
+        code = prompt + code  # the answer is a function body continuing the prompt (HumanEval style)
+    outcome = run_tests_isolated(code, problem.tests, problem.entry_point, prompt=prompt, limits=limits)
+    return Verdict(outcome.passed, outcome.observation, code, status=outcome.status, isolation=outcome.isolation)
 
 
 def verify(problem: Problem, response: str, limits: SandboxLimits | None = None) -> Verdict:

@@ -50,14 +50,27 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+# ABI 4: TCP bind and connect, handled with no rule, are denied. ABI 6: no abstract unix socket and no
+# signal reaches a process outside the child's own Landlock domain (another run, the tests' side, us).
+_LL_NET_TCP = 1 | 2
+_LL_SCOPE_ABSTRACT_UNIX, _LL_SCOPE_SIGNAL = 1, 2
+
+
 def landlock(write_paths, read_paths, abi):
     """Writes only beneath write_paths; if read_paths is a list, reads (and execution) only beneath those
     and write_paths. Returns False when the ruleset can't be applied."""
     write = _LL_WRITE_RIGHTS_V1 | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
     read = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
     handled = write | (read if read_paths is not None else 0)
-    fd = _libc.syscall(_SYS_LANDLOCK_CREATE, ctypes.byref(ctypes.c_uint64(handled)), ctypes.c_size_t(8),
-                       ctypes.c_uint32(0))
+    attr = _RulesetAttr(handled, _LL_NET_TCP if abi >= 4 else 0,
+                        (_LL_SCOPE_ABSTRACT_UNIX | _LL_SCOPE_SIGNAL) if abi >= 6 else 0)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    fd = _libc.syscall(_SYS_LANDLOCK_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if fd < 0:
         return False
     rules = [(p, handled) for p in write_paths] + [(p, read) for p in (read_paths or [])]
@@ -203,8 +216,34 @@ def _drain(fd):
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+# Imported once here, so a run does not pay for them: the harness's own, and what model-written code and
+# test files import most (HumanEval's prompts import typing, math, re, hashlib, collections).
+PRELOAD = ("base64", "bisect", "collections", "functools", "hashlib", "heapq", "itertools", "linecache", "math",
+           "random", "re", "string", "struct", "traceback", "typing")
+
+
+def _preload_harness():
+    """The verification harness (stdlib only), compiled once here: every child is a fork that has it."""
+    import importlib
+    import importlib.util
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+    spec = importlib.util.spec_from_file_location("_harness", os.path.join(os.path.dirname(__file__), "_harness.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_harness"] = module
+    spec.loader.exec_module(module)
+
+
 def main():
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a run come back to us to be reaped
+    if "--own-netns" in sys.argv and _libc.unshare(CLONE_NEWNET) != 0:
+        sys.exit("the zygote could not make its network namespace")
+    # (with --own-netns every run starts in the zygote's empty network namespace, loopback down; Landlock's
+    # scoping keeps runs from reaching each other's abstract sockets)
+    _preload_harness()
+
     out_lock = threading.Lock()
     fork_lock = threading.Lock()  # the reaper may only look a pid up once it is recorded
     pids = {}  # pid -> (request id, child index, verdict read fd or None)
@@ -214,12 +253,15 @@ def main():
             sys.__stdout__.write(json.dumps(obj) + "\n")
             sys.__stdout__.flush()
 
+    forked_some = threading.Event()
+
     def reaper():
         while True:
             try:
                 pid, status = os.wait()
-            except ChildProcessError:
-                threading.Event().wait(0.01)
+            except ChildProcessError:  # nothing to reap: sleep until the next fork, not a fixed interval
+                forked_some.wait()
+                forked_some.clear()
                 continue
             with fork_lock:
                 entry = pids.pop(pid, None)
@@ -248,6 +290,7 @@ def main():
                     os.close(verdict_w)
                 pids[pid] = (req["id"], index, verdict_r)
                 forked.append(pid)
+            forked_some.set()
             for r, w in pipes:
                 os.close(r)
                 os.close(w)

@@ -73,10 +73,10 @@ def _from_pretrained(model_path: str, **kwargs):
 
 def load_for_generation(model_path: str, adapter: str | None = None, dtype: str = "float32"):
     """A model (plus an optional adapter) in eval mode for sampling, with router-logit output off (the
-    aux-loss code path breaks cached, padded generation)."""
+    aux-loss code path breaks cached, padded generation). dtype "auto" keeps the checkpoint's."""
     import torch
 
-    model = _from_pretrained(resolve_model_path(model_path), dtype=getattr(torch, dtype))
+    model = _from_pretrained(resolve_model_path(model_path), dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     model.config.output_router_logits = False
     if adapter:
         from peft import PeftModel

@@ -102,7 +102,9 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
     if merge and adapter_config:
         from align.models import load_for_generation
 
-        model = load_for_generation(adapter_config["base_model_name_or_path"], str(src)).merge_and_unload()
+        # merged in the dtype the stage trained in (the recipe's; "auto": the checkpoint's own), not float32
+        dtype = (config.get("model") or {}).get("dtype") or "auto"
+        model = load_for_generation(adapter_config["base_model_name_or_path"], str(src), dtype=dtype).merge_and_unload()
         model.save_pretrained(out)
     else:
         for item in src.iterdir():

@@ -225,3 +225,24 @@ def test_bf16_router_whose_rows_are_under_16_bytes():
     out, dx, grads = _run_block(fused_model, x)
     assert _rel(out, ref_out) < 1e-2 and _rel(dx, ref_dx) < 1e-2
     assert any(".gate." in n and "lora_B" in n for n in grads)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_fused_trains_under_autocast_like_peft(amp):
+    """float32 weights under autocast (what `bf16: true` / `fp16: true` run): the fused path computes in the
+    autocast dtype as PEFT's does, and its gradients reach the float32 LoRA weights. Both paths are held to
+    the float32 result: the fused one no worse than PEFT's own rounding (plus a margin)."""
+    peft_model = _tiny()
+    fused_model = copy.deepcopy(peft_model)
+    apply_moe_lora_backend(fused_model, "fused")
+    exact = _run_block(copy.deepcopy(peft_model), torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=amp):
+        ours = _run_block(fused_model, x)
+        theirs = _run_block(peft_model, x)
+    assert set(ours[2]) == set(theirs[2]) and all(p.dtype == torch.float32 for p in fused_model.parameters())
+    for got, ref, full in ((ours[0], theirs[0], exact[0]), (ours[1], theirs[1], exact[1])):
+        assert _rel(got, full) <= 2 * _rel(ref, full) + 1e-2
+    for name in theirs[2]:
+        if "lora_" in name:
+            assert _rel(ours[2][name], exact[2][name]) <= 2 * _rel(theirs[2][name], exact[2][name]) + 2e-2, name

@@ -202,3 +202,19 @@ def test_addition_heldout_split_is_disjoint_and_unstructured():
     sums = [sum(map(int, p.split("+"))) for p in heldout]
     assert {s % 10 for s in sums} == set(range(10))  # not one class of answers reserved
     assert any((int(p.split("+")[0]) % 10 + int(p.split("+")[1]) % 10) >= 10 for p in heldout)  # carries too
+
+
+def test_publish_merge_keeps_the_recipes_dtype(tmp_path):
+    """A bfloat16 stage publishes a bfloat16 merged model (it used to be loaded, and merged, in float32)."""
+    from safetensors.torch import load_file
+
+    from align.publish import main as publish
+    from align.sft.train import main as sft
+    from conftest import stage_args
+
+    stage = tmp_path / "sft"
+    sft(stage_args("sft.yaml", stage, "--max_steps", "1", "--dtype", "bfloat16"))
+    assert publish([str(stage), "--repo-id", "me/tiny", "--dry-run", "--merge", "--output", str(tmp_path / "hub")]) == 0
+    weights = load_file(str(tmp_path / "hub" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {__import__("torch").bfloat16}
+    assert not (tmp_path / "hub" / "adapter_config.json").exists()

@@ -56,38 +56,55 @@ class LoraGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, offs, weight, lora_a, lora_b, scaling, reload):
-        y = _grouped_mm(x, weight.transpose(-2, -1), offs)
-        xa = None
-        if lora_a is not None:
-            xa = _grouped_mm(x, lora_a.transpose(-2, -1), offs)  # [S, r]
-            y = y + scaling * _grouped_mm(xa, lora_b.transpose(-2, -1), offs).to(y.dtype)
+        # Under autocast (bf16 / fp16 with float32 weights) every GEMM runs in the autocast dtype, as
+        # autocast runs PEFT's path; the backward runs in the same dtype (autocast is off there, so it is
+        # recorded here), and the gradients go back in each input's own dtype.
+        device = x.device.type
+        amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.amp, ctx.device = amp, device
+        ctx.dtypes = (x.dtype, None if lora_a is None else lora_a.dtype, None if lora_b is None else lora_b.dtype)
+        with torch.autocast(device, enabled=False):
+            xc, wc, ac, bc = (_cast(t, amp) for t in (x, weight, lora_a, lora_b))
+            y = _grouped_mm(xc, wc.transpose(-2, -1), offs)
+            del wc
+            xa = None
+            if ac is not None:
+                xa = _grouped_mm(xc, ac.transpose(-2, -1), offs)  # [S, r]
+                y = y + scaling * _grouped_mm(xa, bc.transpose(-2, -1), offs).to(y.dtype)
         ctx.reload = reload
         ctx.scaling = scaling
-        ctx.save_for_backward(x, xa, offs, None if reload else weight, lora_a, lora_b)
+        ctx.save_for_backward(xc, xa, offs, None if reload else weight, lora_a, lora_b)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, xa, offs, weight, lora_a, lora_b = ctx.saved_tensors
-        s = ctx.scaling
-        dy = dy.contiguous()
-        has_lora = lora_a is not None
-        dyb = _grouped_mm(dy, lora_b, offs) if has_lora else None  # [S, r]: dy·B per group
-        dx = da = db = None
-        if ctx.needs_input_grad[0]:
-            weight = ctx.reload() if ctx.reload is not None else weight
-            dx = _grouped_mm(dy, weight, offs)
-            del weight
+        s, amp = ctx.scaling, ctx.amp
+        with torch.autocast(ctx.device, enabled=False):
+            dy = _cast(dy.contiguous(), amp)
+            lora_a, lora_b = _cast(lora_a, amp), _cast(lora_b, amp)
+            has_lora = lora_a is not None
+            dyb = _grouped_mm(dy, lora_b, offs) if has_lora else None  # [S, r]: dy·B per group
+            dx = da = db = None
+            if ctx.needs_input_grad[0]:
+                weight = _cast(ctx.reload() if ctx.reload is not None else weight, amp)
+                dx = _grouped_mm(dy, weight, offs)
+                del weight
+                if has_lora:
+                    dx = dx + s * _grouped_mm(dyb, lora_a, offs).to(dy.dtype)
+                dx = dx.to(ctx.dtypes[0])
             if has_lora:
-                dx = dx + s * _grouped_mm(dyb, lora_a, offs).to(dy.dtype)
-        if has_lora:
-            da = torch.zeros_like(lora_a)
-            db = torch.zeros_like(lora_b)
-            for g, (start, end) in enumerate(_group_bounds(offs)):
-                if end > start:  # an expert that got no tokens gets zero gradients
-                    da[g] = s * (dyb[start:end].transpose(0, 1) @ x[start:end].to(dyb.dtype)).to(da.dtype)
-                    db[g] = s * (dy[start:end].transpose(0, 1) @ xa[start:end].to(dy.dtype)).to(db.dtype)
+                da = torch.zeros(lora_a.shape, dtype=ctx.dtypes[1], device=lora_a.device)
+                db = torch.zeros(lora_b.shape, dtype=ctx.dtypes[2], device=lora_b.device)
+                for g, (start, end) in enumerate(_group_bounds(offs)):
+                    if end > start:  # an expert that got no tokens gets zero gradients
+                        da[g] = s * (dyb[start:end].transpose(0, 1) @ x[start:end].to(dyb.dtype)).to(da.dtype)
+                        db[g] = s * (dy[start:end].transpose(0, 1) @ xa[start:end].to(dy.dtype)).to(db.dtype)
         return dx, None, None, da, db, None, None
+
+
+def _cast(tensor, dtype):
+    return tensor if tensor is None or dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def lora_grouped_linear(x, offs, weight, reload=None, lora=None):
@@ -101,7 +118,9 @@ def lora_grouped_linear(x, offs, weight, reload=None, lora=None):
     a, b = a.to(weight.dtype), b.to(weight.dtype)
     # Grouped GEMM kernels want 16-byte strides: zero-pad the rank (the padded rows/columns stay zero and
     # their gradients are dropped by the slicing), and copy PEFT's permuted B view to a plain layout.
-    multiple = max(1, 16 // weight.element_size())
+    device = x.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    multiple = max(1, 16 // compute.itemsize)
     pad = -a.shape[1] % multiple
     if pad:
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))

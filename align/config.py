@@ -350,8 +350,6 @@ def parse_stage_args(train_config_cls, argv: list[str]):
 
     Unknown keys, wrong types and TRL's own validation errors become one-line AlignErrors.
     """
-    from trl import TrlParser
-
     argv = list(argv)
     recipe: dict[str, Any] = {}
     source = "command line"
@@ -362,15 +360,26 @@ def parse_stage_args(train_config_cls, argv: list[str]):
         source = argv[i + 1]
         recipe = load_recipe_file(source)
         del argv[i : i + 2]
+    return parse_stage_recipe(train_config_cls, recipe, source, parse_cli_overrides(argv))
+
+
+def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, overrides: dict | None = None,
+                       apply_env: bool = True):
+    """A recipe mapping (plus command-line overrides) into the three dataclasses; `env:` sets variables
+    unless apply_env is false (a check that must change nothing)."""
+    from trl import TrlParser
+
+    recipe = dict(recipe)
     env = recipe.pop("env", None) or {}
     if not isinstance(env, dict):
         raise AlignError(f"{source}: key 'env' must be a mapping of variable: value")
-    for name, value in env.items():
-        os.environ[str(name)] = str(value)
+    if apply_env:
+        for name, value in env.items():
+            os.environ[str(name)] = str(value)
 
     classes = (ModelArguments, DataArguments, train_config_cls)
     values = validate_keys(recipe, classes, source)
-    values.update(validate_keys(parse_cli_overrides(argv), classes, "command line"))
+    values.update(validate_keys(overrides or {}, classes, "command line"))
     if values.get("output_dir") in (None, ""):
         raise AlignError(f"{source}: key 'output_dir' is required")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError
+from align.trees.backends import BackendError
 from align.trees.problems import Problem, load_problems
 from align.trees.sandbox import SandboxLimits
 from align.trees.verifiers import verify
@@ -34,7 +35,41 @@ class EvalConfig:
     trees: str | None = field(default=None, metadata={"help": "A trees folder, for the tree statistics plot."})
 
 
-MODEL_KEYS = {"model", "adapter"}
+MODEL_KEYS = {"model", "adapter", "backend", "base_urls", "api_key_env", "concurrency", "request_timeout_s", "max_retries"}
+
+
+class _ServerBatches:
+    """A served model (OpenAI-compatible) in the eval's batch interface: each batch is one burst of
+    concurrent requests on one event loop kept for the whole eval."""
+
+    def __init__(self, spec):
+        import asyncio
+
+        from align.trees.backends import ServerBackend
+
+        self.loop = asyncio.new_event_loop()
+        self.backend = ServerBackend(spec)
+
+    def generate_batch(self, requests):
+        import asyncio
+
+        async def burst():
+            return await asyncio.gather(*(self.backend.generate(m, n, seed) for m, n, seed in requests))
+
+        return self.loop.run_until_complete(burst())
+
+
+def make_eval_backend(m: dict, max_new_tokens: int):
+    """Greedy decoding of one eval model: local (transformers, optional adapter) or served."""
+    from align.trees.backends import LocalBackend, ModelSpec
+
+    if m.get("backend", "local") == "server":
+        spec = ModelSpec(backend="server", model=m["model"], base_urls=list(m.get("base_urls") or []), temperature=0.0,
+                         max_new_tokens=max_new_tokens, api_key_env=m.get("api_key_env"),
+                         **{k: m[k] for k in ("concurrency", "request_timeout_s", "max_retries") if k in m})
+        return _ServerBatches(spec)
+    return LocalBackend(ModelSpec(model=m["model"], adapter=m.get("adapter"), temperature=0.0,
+                                  max_new_tokens=max_new_tokens))
 
 
 def parse_eval_config(spec: dict, where: str) -> EvalConfig:
@@ -55,6 +90,14 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
             raise AlignError(f"{where}: models.{name}: unknown key(s) {', '.join(sorted(map(str, bad)))} (allowed: model, adapter)")
         if m.get("adapter") is not None and not isinstance(m["adapter"], str):
             raise AlignError(f"{where}: models.{name}.adapter must be a folder")
+        if m.get("backend", "local") not in ("local", "server"):
+            raise AlignError(f"{where}: models.{name}.backend must be local or server, got {m['backend']!r}")
+        if m.get("backend") == "server":
+            urls = m.get("base_urls")
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+                raise AlignError(f"{where}: models.{name}: base_urls (a list of URLs) is required for the server backend")
+            if m.get("adapter"):
+                raise AlignError(f"{where}: models.{name}: a served model takes no adapter (serve a merged checkpoint)")
     if not isinstance(config.runs, dict) or not all(isinstance(v, str) for v in config.runs.values()):
         raise AlignError(f"{where}: key 'runs' must map names to stage output folders")
     return config
@@ -132,11 +175,12 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         if m.get("adapter") and not Path(m["adapter"]).exists():
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
-        from align.trees.backends import LocalBackend, ModelSpec
-
-        backend = LocalBackend(ModelSpec(model=m["model"], adapter=m.get("adapter"), temperature=0.0,
-                                         max_new_tokens=config.max_new_tokens))
-        responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems], batch_size)
+        backend = make_eval_backend(m, config.max_new_tokens)
+        try:
+            responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],
+                                        batch_size)
+        except BackendError as err:
+            raise AlignError(f"{where}: models.{name}: {err}") from None
         scored = score(problems, responses)
         correct = scored.pop("correct")
         later = [[] for _ in problems]

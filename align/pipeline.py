@@ -16,6 +16,7 @@ stops the run naming its log, and the next run continues from there.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -35,17 +38,58 @@ from align.errors import AlignError
 from align.stages import TRAINING_STAGES
 
 KINDS = ("data", "trees", *TRAINING_STAGES, "eval", "publish")
-STAGE_KEYS = {"name", "kind", "recipe", "set", "enabled", "generator", "n", "seed", "digits", "split", "feedback", "problems", "models", "runs",
-              "trees", "source", "repo_id", "push", "merge", "max_new_tokens", "batch_size", "turns", "limit"}
+COMMON_KEYS = {"name", "kind", "enabled"}
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
 
 
+@dataclass
+class DataStage:
+    """kind: data, a built-in generator writing <stage>/train.jsonl."""
+
+    generator: str = field(default="addition-sft", metadata={"help": "One of align.quickstart.GENERATORS."})
+    n: int = field(default=20000, metadata={"help": "Rows.", "range": (1, None)})
+    seed: int = field(default=0, metadata={"help": "Seed of the generator."})
+    digits: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Operand digit counts, mixed evenly."})
+    split: str = field(default="train", metadata={"help": "all, train (no held-out pair) or heldout."})
+    feedback: float = field(default=0.0, metadata={"help": "Fraction of rows showing a wrong try and the critic's turn.",
+                                                   "range": (0.0, 1.0)})
+
+
+@dataclass
+class RecipeStage:
+    """kind: trees, sft, dpo, kto, nca: a recipe file, with `set` overriding its keys."""
+
+    recipe: str = field(metadata={"help": "The stage's recipe file."})
+    set: dict = field(default_factory=dict, metadata={"help": "Recipe keys to override (${stage} allowed)."})
+    accelerate_config: str | None = field(default=None, metadata={
+        "help": "Training stages: this stage's accelerate config (default: the pipeline's accelerate_config)."})
+
+
+@dataclass
+class PublishStage:
+    """kind: publish, a Hub-ready folder of a training stage's output (pushed when push: true)."""
+
+    source: str = field(metadata={"help": "The training stage whose output is published."})
+    repo_id: str = field(default="your-org/model", metadata={"help": "ORG/NAME on the Hub."})
+    push: bool = field(default=False, metadata={"help": "Push (else a dry run: the folder only)."})
+    merge: bool = field(default=False, metadata={"help": "Publish the base with the adapter merged in."})
+
+
+def stage_settings_class(kind: str):
+    from align.evaluate import EvalConfig
+
+    return {"data": DataStage, "eval": EvalConfig, "publish": PublishStage}.get(kind, RecipeStage)
+
+
 def load_pipeline(path: str) -> dict:
+    """The pipeline file, every stage's own keys checked against its kind (its recipe: see check_pipeline)."""
+    from align.config import validate_keys
+
     spec = load_recipe_file(path)
     unknown = set(spec) - {"output_dir", "accelerate_config", "stages", "seed"}
     if unknown:
         raise AlignError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: output_dir, accelerate_config, stages, seed)")
-    if not spec.get("output_dir"):
+    if not spec.get("output_dir") or not isinstance(spec["output_dir"], str):
         raise AlignError(f"{path}: key 'output_dir' is required")
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
@@ -55,37 +99,55 @@ def load_pipeline(path: str) -> dict:
         where = f"{path}: stages[{i}]"
         if not isinstance(stage, dict) or "name" not in stage or "kind" not in stage:
             raise AlignError(f"{where} needs 'name' and 'kind'")
+        if not isinstance(stage["name"], str) or not re.fullmatch(r"[A-Za-z0-9_-]+", stage["name"]):
+            raise AlignError(f"{where}: name must be letters, digits, '-' or '_', got {stage['name']!r}")
         if stage["kind"] not in KINDS:
             raise AlignError(f"{where}: kind must be one of {', '.join(KINDS)}, got {stage['kind']!r}")
-        bad = set(stage) - STAGE_KEYS
-        if bad:
-            raise AlignError(f"{where} ({stage['name']}): unknown key(s) {', '.join(sorted(bad))}")
         if stage["name"] in names:
             raise AlignError(f"{where}: stage name {stage['name']!r} repeats")
         for ref in REF.findall(json.dumps(stage)):
             if ref not in names:
                 raise AlignError(f"{where} ({stage['name']}): ${{{ref}}} names no earlier stage")
-        if stage["kind"] == "trees" or stage["kind"] in TRAINING_STAGES:
-            if not stage.get("recipe"):
-                raise AlignError(f"{where} ({stage['name']}): key 'recipe' is required for kind {stage['kind']}")
-            if not Path(stage["recipe"]).is_file():
-                raise AlignError(f"{where} ({stage['name']}): recipe {stage['recipe']} not found")
-            if stage["kind"] in TRAINING_STAGES:
-                from align.extras import check_report_to
-
-                recipe = _deep_merge(load_recipe_file(stage["recipe"]), stage.get("set") or {})
-                report_to = recipe.get("report_to")
-                check_report_to(report_to.split(",") if isinstance(report_to, str) else report_to,
-                                f"{where} ({stage['name']}): {stage['recipe']}")
+        where = f"{where} ({stage['name']})"
+        if not isinstance(stage.get("enabled", True), bool):
+            raise AlignError(f"{where}: key 'enabled' must be true or false")
+        settings = {k: v for k, v in stage.items() if k not in COMMON_KEYS}
+        cls = stage_settings_class(stage["kind"])
         if stage["kind"] == "eval":
             from align.evaluate import parse_eval_config
 
-            parse_eval_config({k: v for k, v in stage.items() if k not in ("name", "kind", "enabled")},
-                              f"{where} ({stage['name']})")
-        if stage["kind"] == "data":
-            from align.quickstart import check_feedback
+            parse_eval_config(settings, where)
+        else:
+            required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                        and f.default_factory is dataclasses.MISSING]
+            for key in required:
+                if key not in settings:
+                    raise AlignError(f"{where}: key '{key}' is required for kind {stage['kind']}")
+            validate_keys(settings, [cls], where)
+        if cls is RecipeStage:
+            if not Path(stage["recipe"]).is_file():
+                raise AlignError(f"{where}: recipe {stage['recipe']} not found")
+            if stage.get("accelerate_config"):
+                if stage["kind"] not in TRAINING_STAGES:
+                    raise AlignError(f"{where}: key 'accelerate_config' is for training stages only")
+                from align.extras import check_accelerate_config
 
-            check_feedback(stage.get("feedback", 0.0), f"{where} ({stage['name']})")
+                check_accelerate_config(stage["accelerate_config"], f"{where}: accelerate_config")
+            if not isinstance(stage.get("set") or {}, dict):
+                raise AlignError(f"{where}: key 'set' must be a mapping of recipe keys")
+        if stage["kind"] == "data":
+            from align.quickstart import GENERATORS
+
+            if stage.get("generator", "addition-sft") not in GENERATORS:
+                raise AlignError(f"{where}: generator must be one of {', '.join(GENERATORS)}, got {stage.get('generator')!r}")
+        if stage["kind"] == "publish":
+            source = stage["source"]
+            kinds = {s["name"]: s["kind"] for s in stages[:i]}
+            if kinds.get(source) not in TRAINING_STAGES:
+                raise AlignError(f"{where}: source {source!r} is not an earlier training stage "
+                                 f"({', '.join(n for n, k in kinds.items() if k in TRAINING_STAGES) or 'none'})")
+            if "/" not in str(stage.get("repo_id", "your-org/model")):
+                raise AlignError(f"{where}: repo_id {stage.get('repo_id')!r} should look like ORG/NAME")
         names.append(stage["name"])
     if spec.get("accelerate_config"):
         from align.extras import check_accelerate_config
@@ -143,6 +205,98 @@ class Runner:
         payload = {"stage": resolved, "inputs": {r: self.hashes.get(r) for r in refs}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    # ------------------------------------------------------------ checking
+    def produced(self, path) -> bool:
+        """A path inside this pipeline's output folder: made by a stage, so not there before it runs."""
+        try:
+            Path(path).resolve().relative_to(self.out.resolve())
+            return True
+        except (ValueError, TypeError):
+            return False
+
+    def _exists_or_produced(self, path, where: str, what: str) -> None:
+        if isinstance(path, str) and path.startswith((".", "/", "~")) and not self.produced(path) \
+                and not Path(path).expanduser().exists():
+            raise AlignError(f"{where}: {what} {path} not found")
+
+    def check(self, enable: set[str] = frozenset()) -> list[str]:
+        """Every stage resolved (recipe + set + ${stage}) and validated as it will run: keys, types, ranges,
+        files, stage names, trackers, accelerate config. No model is loaded; returns a line per stage."""
+        names = [s["name"] for s in self.spec["stages"]]
+        for name in enable:
+            if name not in names:
+                raise AlignError(f"--enable: no stage named {name!r} (stages: {', '.join(names)})")
+        lines = []
+        for i, stage in enumerate(self.spec["stages"]):
+            kind, where = stage["kind"], f"{self.path}: stages[{i}] ({stage['name']})"
+            resolved = self.resolve(stage)
+            if kind == "trees":
+                self._check_trees(resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
+            elif kind in TRAINING_STAGES:
+                self._check_training(kind, resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
+            elif kind == "eval":
+                from align.evaluate import parse_eval_config
+
+                config = parse_eval_config({k: v for k, v in resolved.items() if k not in COMMON_KEYS}, where)
+                self._check_problems(config.problems, where)
+                for model_name, m in config.models.items():
+                    self._exists_or_produced(m["model"], where, f"models.{model_name}.model")
+            enabled = stage.get("enabled", True) or stage["name"] in enable
+            lines.append(f"{stage['name']} ({kind}): ok" + ("" if enabled else " (disabled; --enable to run)"))
+        return lines
+
+    def _check_problems(self, problems: str, where: str) -> None:
+        from align.trees.problems import BUILTIN_SETS
+
+        if problems.split(":")[0] in BUILTIN_SETS or self.produced(problems) or Path(problems).expanduser().exists():
+            return
+        if problems.startswith((".", "/", "~")) or Path(problems).suffix in (".jsonl", ".parquet", ".json"):
+            raise AlignError(f"{where}: problems {problems} not found")
+
+    def _check_trees(self, recipe: dict, where: str) -> None:
+        from align.trees.builder import parse_trees_config
+
+        if "problems" not in recipe:
+            raise AlignError(f"{where}: key 'problems' is required (a trees recipe names its problems)")
+        config, actor, critic, _ = parse_trees_config(recipe, where)
+        self._check_problems(config.problems, where)
+        for role, spec in (("actor", actor), ("critic", critic)):
+            if spec.backend == "local" and (role == "actor" or critic.type == "llm"):
+                self._exists_or_produced(spec.model, where, f"{role}.model")
+                if spec.adapter:
+                    self._exists_or_produced(spec.adapter, where, f"{role}.adapter")
+
+    def _check_training(self, kind: str, recipe: dict, where: str) -> None:
+        from align.config import parse_stage_recipe
+        from align.extras import check_training_extras
+        from align.models import check_model_args
+        from align.preflight import check_eval_settings
+        from align.stages import training_stage
+
+        import torch
+
+        spec = training_stage(kind)
+        # On a machine without an accelerator a GPU recipe is checked as if on the CPU: TRL refuses bf16
+        # there, which says nothing about the recipe.
+        overrides = {} if torch.cuda.is_available() else {"use_cpu": True}
+        model_args, data_args, args = parse_stage_recipe(spec.config_class(), recipe, where, overrides, apply_env=False)
+        check = spec.check_function()
+        if check is not None:
+            check(model_args, data_args, args)
+        adapter = model_args.adapter_name_or_path
+        if adapter and self.produced(adapter):
+            model_args.adapter_name_or_path = None  # made by an earlier stage: checked when it exists
+        check_model_args(model_args)
+        self._exists_or_produced(model_args.model_name_or_path, where, "model_name_or_path")
+        check_training_extras(args, where)
+        check_eval_settings(args, where)
+        if not data_args.datasets:
+            raise AlignError(f"{where}: key 'datasets' is empty; name at least one dataset")
+        from align.data import _spec
+
+        for j, item in enumerate(data_args.datasets):
+            self._exists_or_produced(str(_spec(item, j)["path"]), where, f"datasets[{j}]")
+
     # ------------------------------------------------------------ execution
     def _run(self, cmd: list[str], log: Path, name: str) -> None:
         with open(log, "a") as f:
@@ -175,8 +329,8 @@ class Runner:
         if kind in TRAINING_STAGES:
             from align.launch import accelerate_command
 
-            self._run(accelerate_command(kind, self.spec.get("accelerate_config"), ["--config", str(recipe_path)]),
-                      log, stage["name"])
+            config_file = stage.get("accelerate_config") or self.spec.get("accelerate_config")
+            self._run(accelerate_command(kind, config_file, ["--config", str(recipe_path)]), log, stage["name"])
             return [str(folder)]
         if kind == "trees":
             self._run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe_path)], log, stage["name"])
@@ -282,7 +436,17 @@ def main(argv: list[str]):
     parser.add_argument("--from", dest="start_from", help="run this stage and the ones after it")
     parser.add_argument("--enable", default="", help="comma-separated stages marked enabled: false to run too")
     parser.add_argument("--force", action="store_true", help="rerun selected stages even if unchanged")
+    parser.add_argument("--check", action="store_true",
+                        help="resolve and validate every stage (recipes, set:, ${stage}, files, keys), load no model, run nothing")
     args = parser.parse_args(argv)
     spec = load_pipeline(args.pipeline)
     enable = {s for s in args.enable.split(",") if s}
-    return Runner(spec, args.pipeline, force=args.force).run(args.only, args.start_from, enable)
+    runner = Runner(spec, args.pipeline, force=args.force)
+    with warnings.catch_warnings():  # libraries' deprecation notes about their own defaults: not the recipe's
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lines = runner.check(enable)  # every stage checked before the first one runs: a typo in the last costs seconds
+    if args.check:
+        print("\n".join(lines + [f"{args.pipeline}: {len(lines)} stages check out"]))
+        return 0
+    return runner.run(args.only, args.start_from, enable)

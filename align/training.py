@@ -15,7 +15,7 @@ import yaml
 from align.config import parse_stage_args, resolved_config
 from align.data import load_training_data
 from align.errors import AlignError, warnings_unless_user_error
-from align.models import check_model_args, load_model, load_tokenizer
+from align.models import check_model_args, load_model, load_tokenizer, resolve_model_path
 from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_trainable_report
 
@@ -44,6 +44,7 @@ def _has_checkpoint(output_dir: str) -> bool:
 def prepare_stage(stage: str, argv: list[str]):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads."""
     from align.extras import check_training_extras
+    from align.preflight import check_eval_settings, preflight_trainer, quiet_libraries
     from align.stages import training_stage
 
     spec = training_stage(stage)
@@ -53,11 +54,17 @@ def prepare_stage(stage: str, argv: list[str]):
         if check is not None:
             check(model_args, data_args, args)
         check_model_args(model_args)
-        check_training_extras(args, getattr(args, "_align_recipe_source", "recipe"))
+        source = getattr(args, "_align_recipe_source", "recipe")
+        check_training_extras(args, source)
+        check_eval_settings(args, source)
         resume = _resume_value(args.resume_from_checkpoint)
         if resume is True and not _has_checkpoint(args.output_dir):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
         dataset = load_training_data(data_args, stage)
+        with quiet_libraries():
+            model_path = resolve_model_path(model_args.model_name_or_path)
+            tokenizer = load_tokenizer(model_args.adapter_name_or_path or model_path)
+            preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume
 
 

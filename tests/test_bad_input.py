@@ -210,3 +210,19 @@ def test_pipeline_stage_with_a_missing_tracker_fails_before_any_stage_runs(tmp_p
 def test_unknown_accelerate_config_name(tmp_path, capsys):
     line = _run(capsys, ["sft", "--config", str(TINY_SFT), "--accelerate_config", "zero9"])
     assert "zero9" in line and "zero3" in line
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--eval_strategy", "steps"], "eval_strategy"),
+    (["--load_best_model_at_end", "true"], "load_best_model_at_end"),
+    (["--lora_attention_modules", "q_proj", "lm_head"], "lm_head"),  # refused by SFTTrainer.__init__ itself
+])
+def test_trainer_init_mistakes_fail_before_the_model_loads(flags, words, tmp_path, capsys, monkeypatch):
+    import align.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(align.models, "_from_pretrained", no_model)
+    line = _run(capsys, ["sft", "--config", str(_recipe(tmp_path)), *flags])
+    assert words in line

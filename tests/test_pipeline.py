@@ -38,12 +38,15 @@ def _record(tmp_path, stage):
 
 
 def test_fail_resume_skip_and_rerun_on_changed_input(tmp_path, capsys):
-    # a failing stage stops the run, naming the stage and its log
-    path = _pipeline(tmp_path, sft_set={"learning_rat": 1.0})
+    # a failing stage stops the run, naming the stage and its log (data whose columns are wrong: the check
+    # before the run sees the file exists, the stage finds what is in it)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    path = _pipeline(tmp_path, sft_set={"datasets": [str(bad)]})
     with pytest.raises(AlignError, match=r"stage boot failed .*boot/log.txt"):
         _run(path)
     assert _record(tmp_path, "data")["status"] == "done" and _record(tmp_path, "boot")["status"] == "failed"
-    assert "unknown key 'learning_rat'" in (tmp_path / "out" / "boot" / "log.txt").read_text()
+    assert "missing column(s)" in (tmp_path / "out" / "boot" / "log.txt").read_text()
 
     # fixed: the rerun continues from the failed stage, the finished one is skipped
     path = _pipeline(tmp_path)
@@ -89,7 +92,7 @@ def test_pipeline_errors_before_running(tmp_path):
         load_pipeline(str(bad))
     bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "d", "kind": "data", "generator": "addition-sft",
                                                                    "feedback": 1.5}]}))
-    with pytest.raises(AlignError, match=r"\(d\): key 'feedback' must be a fraction between 0 and 1, got 1.5"):
+    with pytest.raises(AlignError, match=r"\(d\): key 'feedback' must be between 0.0 and 1.0, got 1.5"):
         load_pipeline(str(bad))
 
 
@@ -218,3 +221,57 @@ def test_publish_merge_keeps_the_recipes_dtype(tmp_path):
     weights = load_file(str(tmp_path / "hub" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {__import__("torch").bfloat16}
     assert not (tmp_path / "hub" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "mixtral-8x22b"])
+def test_real_model_pipelines_check_out(model, capsys):
+    from align.pipeline import main
+
+    assert main([str(REPO / "recipes" / model / "pipeline.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("trees (trees): ok", "sft (sft): ok", "nca (nca): ok", "kto (kto): ok", "eval (eval): ok",
+                  "publish (publish): ok", "dpo (dpo): ok (disabled"):
+        assert stage in out
+
+
+def _checked(tmp_path, stages, **top):
+    spec = {"output_dir": str(tmp_path / "out"), **top, "stages": stages}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_check_finds_a_typo_in_the_last_stage_before_anything_runs(tmp_path):
+    from align.pipeline import main
+
+    nca = {"name": "nca", "kind": "nca", "recipe": str(REPO / "recipes" / "tiny-mixtral" / "nca.yaml"),
+           "set": {"adapter_name_or_path": "${boot}", "betaa": 0.1}}
+    path = _pipeline(tmp_path)
+    spec = yaml.safe_load(open(path))
+    spec["stages"].append(nca)
+    open(path, "w").write(yaml.safe_dump(spec))
+    for flags in (["--check"], []):  # a plain run checks first too: no stage may run
+        with pytest.raises(AlignError, match=r"stages\[2\] \(nca\): .*nca.yaml: unknown key 'betaa' \(did you mean 'beta'\?\)"):
+            main([path, *flags])
+        assert not (tmp_path / "out" / "data").exists()
+
+
+@pytest.mark.parametrize("stages,flags,message", [
+    ([{"name": "d", "kind": "data", "generatr": "addition-sft"}], [], r"unknown key 'generatr' \(did you mean 'generator'\?\)"),
+    ([{"name": "d", "kind": "data", "n": -4}], [], "'n' must be at least 1"),
+    ([{"name": "d", "kind": "data"}], ["--enable", "dpo"], "--enable: no stage named 'dpo'"),
+    ([{"name": "d", "kind": "data"}, {"name": "p", "kind": "publish", "source": "d"}], [], "source 'd' is not an earlier training stage"),
+    ([{"name": "s", "kind": "sft", "recipe": str(REPO / "recipes" / "tiny-mixtral" / "sft.yaml"),
+       "set": {"datasets": ["./no/such.jsonl"]}}], [], r"datasets\[0\] ./no/such.jsonl not found"),
+    ([{"name": "s", "kind": "sft", "recipe": str(REPO / "recipes" / "tiny-mixtral" / "sft.yaml"),
+       "set": {"learning_rate": "fast"}}], [], "'learning_rate' must be a number"),
+    ([{"name": "t", "kind": "trees", "recipe": str(REPO / "recipes" / "tiny-mixtral" / "trees.yaml"),
+       "set": {"actor": {"temperatur": 1}}}], [], "did you mean 'temperature'"),
+    ([{"name": "e", "kind": "eval", "problems": "./nope.jsonl", "models": {"m": {"model": "tiny-mixtral"}}}], [],
+     "problems ./nope.jsonl not found"),
+])
+def test_check_names_the_stage_and_key(tmp_path, stages, flags, message):
+    from align.pipeline import main
+
+    with pytest.raises(AlignError, match=message):
+        main([_checked(tmp_path, stages), "--check", *flags])

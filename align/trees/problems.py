@@ -168,6 +168,9 @@ def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str =
     return out
 
 
+BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
+
+
 def builtin_problems(spec: str) -> list[Problem] | None:
     name, *params = spec.split(":")
     if name == "humaneval":

@@ -1,0 +1,106 @@
+"""Catch what TRL's trainer would only refuse in its `__init__`, before the real model loads.
+
+Some recipe mistakes surface only when the trainer is built (an eval strategy without eval data, an
+option TRL's trainer refuses for this data or model), which is after the model has loaded: minutes on a
+Mixtral. Here the stage's trainer is built once against a stand-in: the real model's architecture
+shrunk to one small layer (same vocabulary, same kind of experts and router), the recipe's LoRA targets,
+the first rows of the real data and the real tokenizer. A ValueError or TypeError there is the recipe's
+mistake and becomes the one-line error; anything else is left for the real run to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+
+from align.errors import AlignError
+
+logger = logging.getLogger("align")
+
+EVAL_KEYS = ("load_best_model_at_end", "metric_for_best_model")
+
+
+def check_eval_settings(args, source: str) -> None:
+    """The stages train without eval data (the pipeline's eval stage evaluates): asking for evaluation
+    during training is a mistake to name now, not inside Trainer.__init__."""
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy not in (None, "no"):
+        raise AlignError(f"{source}: key 'eval_strategy' is {strategy!r}, but this stage has no eval data "
+                         "(set eval_strategy: no; the pipeline's eval stage evaluates the models)")
+    if getattr(args, "do_eval", False):
+        raise AlignError(f"{source}: key 'do_eval' is true, but this stage has no eval data")
+    if getattr(args, "load_best_model_at_end", False):
+        raise AlignError(f"{source}: key 'load_best_model_at_end' needs evaluation during training, "
+                         "which this stage does not run")
+
+
+def _stand_in_config(model_path: str):
+    from transformers import AutoConfig
+
+    config = copy.deepcopy(AutoConfig.from_pretrained(model_path))
+    shrink = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 32, "moe_intermediate_size": 32,
+              "shared_expert_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "max_window_layers": 1}
+    for key, value in shrink.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
+        config.layer_types = config.layer_types[:1]
+    config.__dict__.pop("align_nf4_experts", None)
+    return config
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """No progress bars and no library log lines inside: a one-line error must stay one line."""
+    import datasets
+    import transformers
+
+    bars = datasets.is_progress_bar_enabled()
+    verbosity = transformers.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def preflight_trainer(stage: str, model_args, args, dataset, tokenizer, model_path: str, source: str) -> None:
+    """Build the stage's trainer on a stand-in model and the first rows; a refusal is the one-line error."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from align.moe.lora import build_lora_config
+    from align.stages import training_stage
+
+    if getattr(args, "deepspeed", None):
+        return  # ZeRO-3 partitions whatever is built under it: no stand-in there
+    try:
+        with torch.random.fork_rng(devices=[]):
+            stand_in = AutoModelForCausalLM.from_config(_stand_in_config(model_path), dtype=torch.float32)
+    except Exception as err:  # an architecture we cannot shrink: nothing to say before the real load
+        logger.debug("preflight skipped (%s)", err)
+        return
+    peft_config = build_lora_config(model_args, stand_in) if model_args.use_lora else None
+    rows = dataset.select(range(min(len(dataset), 8)))
+    with tempfile.TemporaryDirectory(prefix="align-preflight-") as tmp:
+        trial = copy.copy(args)
+        trial.output_dir, trial.report_to, trial.push_to_hub = tmp, [], False
+        trial.logging_dir = tmp
+        trainer = None
+        try:
+            trainer = training_stage(stage).trainer_class()(model=stand_in, args=trial, train_dataset=rows,
+                                                            processing_class=tokenizer, peft_config=peft_config)
+        except (ValueError, TypeError) as err:
+            raise AlignError(f"{source}: {' '.join(str(err).split())[:400]}") from None
+        except Exception as err:  # not a recipe mistake we can name; the real run will tell
+            logger.debug("preflight inconclusive (%s: %s)", type(err).__name__, err)
+        finally:
+            del trainer

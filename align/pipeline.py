@@ -240,7 +240,11 @@ class Runner:
                 config = parse_eval_config({k: v for k, v in resolved.items() if k not in COMMON_KEYS}, where)
                 self._check_problems(config.problems, where)
                 for model_name, m in config.models.items():
-                    self._exists_or_produced(m["model"], where, f"models.{model_name}.model")
+                    if m.get("backend", "local") == "local":
+                        self._exists_or_produced(m["model"], where, f"models.{model_name}.model")
+                    elif m.get("api_key_env") and not os.environ.get(m["api_key_env"]):
+                        raise AlignError(f"{where}: models.{model_name}: environment variable {m['api_key_env']} "
+                                         "(api_key_env) is not set")
             enabled = stage.get("enabled", True) or stage["name"] in enable
             lines.append(f"{stage['name']} ({kind}): ok" + ("" if enabled else " (disabled; --enable to run)"))
         return lines
@@ -261,10 +265,14 @@ class Runner:
         config, actor, critic, _ = parse_trees_config(recipe, where)
         self._check_problems(config.problems, where)
         for role, spec in (("actor", actor), ("critic", critic)):
-            if spec.backend == "local" and (role == "actor" or critic.type == "llm"):
+            if role == "critic" and critic.type != "llm":
+                continue
+            if spec.backend == "local":
                 self._exists_or_produced(spec.model, where, f"{role}.model")
                 if spec.adapter:
                     self._exists_or_produced(spec.adapter, where, f"{role}.adapter")
+            elif spec.api_key_env and not os.environ.get(spec.api_key_env):
+                raise AlignError(f"{where}: {role}: environment variable {spec.api_key_env} (api_key_env) is not set")
 
     def _check_training(self, kind: str, recipe: dict, where: str) -> None:
         from align.config import parse_stage_recipe

@@ -275,3 +275,89 @@ def test_check_names_the_stage_and_key(tmp_path, stages, flags, message):
 
     with pytest.raises(AlignError, match=message):
         main([_checked(tmp_path, stages), "--check", *flags])
+
+
+class _Knower:
+    """An OpenAI-compatible server that knows the sample problems: right for odd seeds, wrong for even ones;
+    any other prompt (the LLM critic's) gets a short critique."""
+
+    @staticmethod
+    def start():
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from align.trees.problems import load_problems
+
+        problems = load_problems(str(REPO / "data" / "problems" / "mixed_sample.jsonl"))[0]
+        code = {"count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiouAEIOU' for c in s)\n",
+                "second_largest": "def second_largest(xs):\n    v = sorted(set(xs))\n    return v[-2] if len(v) > 1 else None\n"}
+
+        def answer(content, right):
+            for p in problems:
+                if p.prompt in content:
+                    if p.task == "code":
+                        body = code[p.entry_point] if right else f"def {p.entry_point}(*a):\n    return None\n"
+                        return f"Step 1: write it.\n```python\n{body}```"
+                    if p.task == "logic":
+                        return f"Step 1: think.\nAnswer: {p.answer if right else 'zzz'}"
+                    return f"Step 1: compute.\n\\boxed{{{p.answer if right else '-1'}}}"
+            return "Check your last step against the question."
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = answer(body["messages"][0]["content"], (body.get("seed") or 0) % 2 == 1)
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def test_mixtral_pipeline_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
+    """recipes/mixtral-8x7b/pipeline.yaml as it is, with only the model keys (tiny-mixtral, float32, no bf16),
+    the backends (a loopback server that knows the sample problems; the CPU accelerate config) and the sizes
+    (2 steps of 4 rows; 3 eval problems of 16 tokens) swapped: trees, export, SFT, NCA, KTO, eval, publish."""
+    from align.pipeline import main
+
+    server, url = _Knower.start()
+    monkeypatch.setenv("CRITIC_API_KEY", "any-key-will-do")  # the recipe's critic reads its key from there
+    try:
+        spec = yaml.safe_load((REPO / "recipes" / "mixtral-8x7b" / "pipeline.yaml").read_text())
+        spec["output_dir"] = str(tmp_path / "out")
+        spec["accelerate_config"] = str(REPO / "recipes" / "accelerate" / "cpu.yaml")
+        served = {"backend": "server", "model": "knower", "base_urls": [url]}
+        tiny = {"model_name_or_path": "tiny-mixtral", "dtype": "float32", "bf16": False,
+                "max_steps": 2, "gradient_accumulation_steps": 1}
+        for stage in spec["stages"]:
+            if stage["kind"] == "trees":
+                stage["set"].update(actor=served, critic={"type": "llm", **served})
+            elif stage["kind"] in ("sft", "nca", "kto", "dpo"):
+                stage["set"].update(tiny)
+            elif stage["kind"] == "eval":
+                stage.update(limit=3, max_new_tokens=16)
+                stage["models"] = {name: ({**m, "model": "tiny-mixtral"} if "adapter" in m else served)
+                                   for name, m in stage["models"].items()}
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        assert main([str(path)]) == 0
+    finally:
+        server.shutdown()
+    out = tmp_path / "out"
+    stats = json.loads((out / "trees" / "export" / "stats.json").read_text())
+    assert stats["stats"]["trees"] == 8 and stats["counts"]["pairs"] > 0
+    assert (stats["stats"]["per_task"].keys()) == {"code", "logic", "math"}
+    for stage in ("sft", "nca", "kto"):
+        assert (out / stage / "adapter_model.safetensors").is_file(), stage
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"instruct", "sft", "nca", "kto"}  # dpo is off by default: skipped
+    assert results["models"]["instruct"]["n"] == 3 and "2" in results["models"]["instruct"]["pass@turns"]
+    assert (out / "publish" / "hub" / "README.md").is_file()

@@ -366,11 +366,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_tree_against_transformers_serve(tmp_path):
+def test_tree_against_transformers_serve(tmp_path, capsys):
+    """A real `transformers serve` on loopback. As the model's generation config says no sampling, the
+    server ignores temperature: every turn's samples are one text, and the build says so loudly. With
+    do_sample passed in the request (extra_body) the samples differ and the trees get pairs."""
     pytest.importorskip("fastapi")
     from align.models import resolve_model_path
 
-    model_dir = resolve_model_path("tiny-mixtral")
+    model_dir = resolve_model_path("tiny-mixtral-char")
     port = _free_port()
     exe = Path(sys.executable).with_name("transformers")
     server = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), model_dir],
@@ -387,13 +390,29 @@ def test_tree_against_transformers_serve(tmp_path):
                 pass
             assert server.poll() is None, "transformers serve exited"
             time.sleep(0.5)
-        config, actor, critic, limits = _config(tmp_path, problems="arithmetic:2:0", max_turns=2, actor={
-            "backend": "server", "model": model_dir, "base_urls": [f"http://127.0.0.1:{port}/v1"],
-            "max_new_tokens": 8, "request_timeout_s": 120})
-        summary = build_trees(config, actor, critic, limits)
-        assert summary["built"] == 2 and summary["failed"] == 0
-        trees = list(iter_trees(tmp_path / "trees"))
-        assert all(isinstance(a["text"], str) for t in trees for turn in t["turns"] for a in turn["actions"])
+        problems = tmp_path / "digits.jsonl"  # an untrained character model says "7" last now and then
+        problems.write_text("".join(json.dumps({"id": f"d{i}", "task": "math", "prompt": f"Say a digit ({i}).",
+                                                "answer": "7"}) + "\n" for i in range(8)))
+        actor = {"backend": "server", "model": model_dir, "base_urls": [f"http://127.0.0.1:{port}/v1"],
+                 "max_new_tokens": 12, "request_timeout_s": 120, "concurrency": 4}
+        config, actor_spec, critic, limits = _config(tmp_path, problems=str(problems), max_turns=3, samples_per_turn=4,
+                                                     output_dir=str(tmp_path / "greedy"), actor=actor)
+        summary = build_trees(config, actor_spec, critic, limits)
+        assert summary["built"] == 8 and summary["failed"] == 0
+        assert summary["identical_sample_turns"] == summary["turns"] > 0
+        assert "identical samples" in capsys.readouterr().err
+        from align.trees.export import load_trees, tree_stats
+
+        assert tree_stats(load_trees(tmp_path / "greedy"))["sample_diversity"] == 0.25  # 1 text of 4 samples
+
+        actor["extra_body"] = {"generation_config": json.dumps({"do_sample": True})}
+        config, actor_spec, critic, limits = _config(tmp_path, problems=str(problems), max_turns=3, samples_per_turn=4,
+                                                     output_dir=str(tmp_path / "sampled"), actor=actor)
+        summary = build_trees(config, actor_spec, critic, limits)
+        stats = tree_stats(load_trees(tmp_path / "sampled"))
+        assert summary["failed"] == 0 and stats["sample_diversity"] > 0.9
+        assert summary["pairs"] > 0 and stats["pairs"] == summary["pairs"]
+        assert "identical samples" not in capsys.readouterr().err
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()

@@ -36,6 +36,10 @@ class ModelSpec:
     max_retries: int = field(default=4, metadata={"help": "server: retries of a failed request.", "range": (0, 100)})
     backoff_s: float = field(default=1.0, metadata={"help": "server: first retry delay (doubles).", "range": (0.0, 600.0)})
     dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16 or float16."})
+    extra_body: dict = field(default_factory=dict, metadata={
+        "help": "server: extra fields of every request body, for a server's own options. `transformers serve` "
+                "samples only if the model's generation config says do_sample, whatever the temperature: give it "
+                "{generation_config: '{\"do_sample\": true}'}."})
 
 
 class RowSampler:
@@ -203,7 +207,8 @@ class ServerBackend:
             try:
                 completion = await asyncio.wait_for(client.chat.completions.create(
                     model=self.spec.model, messages=messages, max_tokens=self.spec.max_new_tokens,
-                    temperature=self.spec.temperature, top_p=self.spec.top_p, seed=seed), self.spec.request_timeout_s)
+                    temperature=self.spec.temperature, top_p=self.spec.top_p, seed=seed,
+                    extra_body=self.spec.extra_body or None), self.spec.request_timeout_s)
             finally:
                 self.in_flight -= 1
         return reply_text(completion)

@@ -196,6 +196,8 @@ class Progress:
         self.turn_correct: Counter = Counter()
         self.pairs = 0
         self.failed = 0
+        self.turns = 0
+        self.identical_turns = 0  # turns whose samples were all the same text: no pair can come of them
 
     def add(self, tree: dict | None) -> None:
         if tree is None:
@@ -205,6 +207,8 @@ class Progress:
                 self.turn_tried[t["turn"]] += len(t["actions"])
                 self.turn_correct[t["turn"]] += sum(a["correct"] for a in t["actions"])
                 self.pairs += t["pair"] is not None
+                self.turns += 1
+                self.identical_turns += len(t["actions"]) > 1 and len({a["text"] for a in t["actions"]}) == 1
         rate = self.bar.n / max(time.monotonic() - self.start, 1e-9) * 60
         passes = " ".join(f"t{k}:{self.turn_correct[k] / self.turn_tried[k]:.0%}" for k in sorted(self.turn_tried))
         self.bar.set_postfix_str(f"{rate:.1f}/min pairs={self.pairs} failed={self.failed} pass {passes}", refresh=False)
@@ -328,6 +332,12 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
             if critic is not actor:
                 await critic.aclose()
     summary["pairs"] = progress.pairs
+    summary["turns"], summary["identical_sample_turns"] = progress.turns, progress.identical_turns
+    if progress.turns and progress.identical_turns > progress.turns / 2:
+        print(f"[align] trees: WARNING: {progress.identical_turns} of {progress.turns} turns got {config.samples_per_turn} "
+              "identical samples, so they can give no pair. The actor is not sampling: check its temperature, and "
+              "for `transformers serve` set actor.extra_body: {generation_config: '{\"do_sample\": true}'} "
+              "(it samples only when the model's generation config says do_sample).", file=sys.stderr, flush=True)
     summary["backend"] = {k: getattr(actor, k) for k in ("requests", "retries", "max_in_flight") if hasattr(actor, k)}
     return summary
 

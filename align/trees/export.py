@@ -79,6 +79,7 @@ def tree_stats(trees: list[dict]) -> dict:
     per_task = defaultdict(Counter)
     by_turns = Counter()
     tried, correct = Counter(), Counter()
+    distinct, identical, turns = [0, 0], 0, 0  # (distinct texts, samples) summed over turns
     for tree in trees:
         task = tree["problem"]["task"]
         per_task[task]["trees"] += 1
@@ -91,11 +92,20 @@ def tree_stats(trees: list[dict]) -> dict:
         for t in tree["turns"]:
             tried[t["turn"]] += len(t["actions"])
             correct[t["turn"]] += sum(a["correct"] for a in t["actions"])
+            distinct[0] += len({a["text"] for a in t["actions"]})
+            distinct[1] += len(t["actions"])
+            identical += len(t["actions"]) > 1 and len({a["text"] for a in t["actions"]}) == 1
+            turns += 1
     return {
         "trees": len(trees),
         "pairs": sum(c["pairs"] for c in per_task.values()),
         "correct_actions": sum(c["correct_actions"] for c in per_task.values()),
         "in_process_problems": sum(c["in_process"] for c in per_task.values()),
+        # sample diversity: distinct texts per sample over all turns (1.0: every sample differs), and the
+        # turns whose samples were all one text (no pair can come of those)
+        "sample_diversity": round(distinct[0] / distinct[1], 4) if distinct[1] else None,
+        "identical_sample_turns": identical,
+        "turns": turns,
         "per_task": {k: dict(v) for k, v in sorted(per_task.items())},
         "trajectories_by_turns": {k: by_turns[k] for k in sorted(by_turns)},
         "pass_rate_per_turn": {k: round(correct[k] / tried[k], 4) for k in sorted(tried)},
@@ -104,6 +114,8 @@ def tree_stats(trees: list[dict]) -> dict:
 
 def format_stats(stats: dict) -> str:
     lines = [f"trees {stats['trees']}  pairs {stats['pairs']}  correct actions {stats['correct_actions']}"
+             + (f"  sample diversity {stats['sample_diversity']:.2f} (identical samples in {stats['identical_sample_turns']}"
+                f" of {stats['turns']} turns)" if stats.get("sample_diversity") is not None else "")
              + (f"  problems verified in-process (tests and candidate in one process, forgeable) "
                 f"{stats['in_process_problems']}" if stats.get("in_process_problems") else ""), "",
              "| task | trees | solved | pairs | correct actions | actions |", "|---|---|---|---|---|---|"]

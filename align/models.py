@@ -85,6 +85,32 @@ def load_for_generation(model_path: str, adapter: str | None = None, dtype: str 
     return model.eval()
 
 
+def load_with_nf4_experts(model_path: str, kwargs: dict):
+    """experts_4bit: each expert is quantised as its shard is read (align/moe/stream_load.py); a base saved
+    by `align quantize` loads as it is. A hub id is downloaded first (its safetensors and config only)."""
+    import torch
+
+    from align.moe.nf4 import is_quantized_checkpoint
+    from align.moe.stream_load import load_nf4_streaming
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_path, allow_patterns=["*.safetensors", "*.json", "tokenizer*"]))
+    if is_quantized_checkpoint(folder):
+        return _from_pretrained(str(folder), **kwargs)
+    dtype = kwargs.get("dtype")
+    if dtype in (None, "auto"):
+        import json
+
+        name = json.loads((folder / "config.json").read_text()).get("dtype") or \
+            json.loads((folder / "config.json").read_text()).get("torch_dtype") or "bfloat16"
+        dtype = getattr(torch, name)
+    overrides = {k: kwargs[k] for k in ("attn_implementation", "experts_implementation") if k in kwargs}
+    return load_nf4_streaming(folder, dtype=dtype, **overrides)
+
+
 def load_model(model_args, gradient_checkpointing: bool = False):
     """The base model (plus the starting adapter, trainable, when the recipe names one)."""
     import torch
@@ -106,7 +132,10 @@ def load_model(model_args, gradient_checkpointing: bool = False):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     try:
-        model = _from_pretrained(model_path, **kwargs)
+        if model_args.experts_4bit and not model_args.load_in_4bit:
+            model = load_with_nf4_experts(model_path, kwargs)  # never the whole 16-bit model in memory
+        else:
+            model = _from_pretrained(model_path, **kwargs)
     except OSError as err:
         raise AlignError(f"model_name_or_path: {model_args.model_name_or_path} could not be loaded ({err})") from None
     if model_args.experts_4bit or model_args.load_in_4bit:

@@ -271,3 +271,46 @@ def test_align_quantize_bad_input_is_one_line(case, tmp_path, capsys):
     assert expected in err[0]
     if case == "output_not_empty":
         assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_experts_are_quantised_as_the_shards_load(tmp_path):
+    """experts_4bit on a checkpoint in the Hub's per-expert layout, two shards (w1 and w3 of an expert may sit
+    in different shards), and on transformers' own fused layout: the same NF4 model, bit for bit, as loading
+    in 16 bits and quantising after, without the loader ever building a 16-bit stack."""
+    from transformers import AutoModelForCausalLM
+
+    from align.config import ModelArguments
+    from align.models import load_model, resolve_model_path
+    from align.moe.stream_load import save_hub_layout
+    from conftest import logits_of
+
+    path = resolve_model_path("tiny-mixtral")
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    save_hub_layout(full.state_dict(), full.config, tmp_path / "hub", shards=3)
+    quantize_experts_nf4(full)
+    expected = logits_of(full)
+    built = []
+    real_quantize_stack = __import__("align.moe.nf4", fromlist=["quantize_stack"]).quantize_stack
+    import align.moe.nf4 as nf4
+
+    nf4.quantize_stack = lambda *a, **k: built.append(1) or real_quantize_stack(*a, **k)  # a whole-stack quantisation
+    try:
+        for folder in (tmp_path / "hub", path):
+            model, _ = load_model(ModelArguments(model_name_or_path=str(folder), dtype="float32", experts_4bit=True))
+            assert all(is_nf4(e.gate_up_proj) and is_nf4(e.down_proj) for _, e in find_experts(model))
+            torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=0)
+    finally:
+        nf4.quantize_stack = real_quantize_stack
+    assert not built, "a 16-bit stack was built and quantised whole"
+
+
+def test_our_nf4_quantiser_is_bitsandbytes_format_bit_for_bit():
+    import bitsandbytes.functional as bnbf
+
+    from align.moe.nf4 import quantize_expert
+
+    for x in (torch.zeros(64, 64), (torch.randn(128, 256) * 3).to(torch.bfloat16), torch.randn(64, 128).half(),
+              torch.tensor([[0.5] * 64, [-2.0] * 64])):
+        packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
+        ours, absmax = quantize_expert(x)
+        assert torch.equal(packed.view(-1), ours) and torch.equal(state.absmax.float(), absmax)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,6 +229,8 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
         raise AlignError(f"{path}:{where} is not valid YAML ({' '.join(str(getattr(err, 'problem', err)).split())})") from None
     except RecursionError:
         raise AlignError(f"{path}: is nested too deeply to be a recipe") from None
+    except ValueError as err:  # an integer of thousands of digits
+        raise AlignError(f"{path}: not a usable recipe ({' '.join(str(err).split())[:120]})") from None
     if data is None or data == {}:
         raise AlignError(f"{path}: the recipe is empty (a recipe is a YAML mapping of key: value)")
     if not isinstance(data, dict):
@@ -326,9 +329,19 @@ def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any
         try:
             out[key] = coerce(value, tp)
         except TypeError as err:
-            raise AlignError(f"{source}: key '{key}' must be {err}, got {type(value).__name__} {value!r}") from None
+            raise AlignError(f"{source}: key '{key}' must be {err}, got {type(value).__name__} {short_repr(value)}") from None
         check_range(key, out[key], known_fields[key].metadata, source)
     return out
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """repr for an error line, cut: a YAML alias bomb expands to gigabytes when printed whole."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring, short.maxother, short.maxlist, short.maxdict, short.maxlevel = limit, limit, 8, 8, 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_range(key: str, value: Any, metadata, source: str) -> None:
@@ -343,6 +356,22 @@ def check_range(key: str, value: Any, metadata, source: str) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"between {low} and {high}"
         raise AlignError(f"{source}: key '{key}' must be {bounds}, got {value!r}")
+
+
+# Ranges of the stage options (ours, and TRL / transformers options their own dataclasses take unchecked
+# and only fail on deep inside training: a ZeroDivisionError at the first step, after the model has
+# loaded). Not in the fields' metadata: TRL's parser hands metadata to argparse, which refuses unknown keys.
+TRAINER_RANGES = {
+    "lora_r": (1, 65536), "lora_alpha": (1, None), "max_train_samples": (1, None),
+    "per_device_train_batch_size": (1, None), "per_device_eval_batch_size": (1, None),
+    "gradient_accumulation_steps": (1, None), "max_length": (1, None), "max_prompt_length": (1, None),
+    "max_completion_length": (1, None), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
+    "learning_rate": (0.0, None), "num_train_epochs": (0.0, None), "max_steps": (-1, None),
+    "warmup_steps": (0.0, None), "warmup_ratio": (0.0, 1.0), "weight_decay": (0.0, None),
+    "max_grad_norm": (0.0, None), "logging_steps": (0.0, None), "save_steps": (0.0, None),
+    "save_total_limit": (0, None), "beta": (0.0, None), "router_aux_loss_coef": (0.0, None),
+    "dataloader_num_workers": (0, None), "desirable_weight": (0.0, None), "undesirable_weight": (0.0, None),
+}
 
 
 def parse_stage_args(train_config_cls, argv: list[str]):
@@ -373,6 +402,11 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
     env = recipe.pop("env", None) or {}
     if not isinstance(env, dict):
         raise AlignError(f"{source}: key 'env' must be a mapping of variable: value")
+    for name, value in env.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise AlignError(f"{source}: env: {short_repr(name)} is not a variable name")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or "\0" in str(value):
+            raise AlignError(f"{source}: env: {name} must be a string or a number")
     if apply_env:
         for name, value in env.items():
             os.environ[str(name)] = str(value)
@@ -382,6 +416,11 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
     values.update(validate_keys(overrides or {}, classes, "command line"))
     if values.get("output_dir") in (None, ""):
         raise AlignError(f"{source}: key 'output_dir' is required")
+    if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():
+        raise AlignError(f"{source}: key 'output_dir': {values['output_dir']} is a file, not a folder")
+    for key, (low, high) in TRAINER_RANGES.items():
+        if key in values:
+            check_range(key, values[key], {"range": (low, high)}, source)
 
     parser = TrlParser(classes)
     parser.set_defaults_with_config(**values)

@@ -110,7 +110,9 @@ def to_stage_format(ds, stage: str, source: str):
 
 def _spec(item: Any, index: int) -> dict:
     if isinstance(item, str):
-        return {"path": item}
+        item = {"path": item}
+    if isinstance(item, dict) and isinstance(item.get("path"), str) and not item["path"].strip():
+        raise AlignError(f"recipe: datasets[{index}] has an empty path")
     if isinstance(item, dict) and "path" in item:
         unknown = set(item) - {"path", "weight", "split", "name"}
         if unknown:

@@ -9,6 +9,7 @@ results.md (the table, also printed), the answers of every model, and the plots 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,10 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     if not config.models:
         raise AlignError(f"{where}: key 'models' is empty")
     for name, m in config.models.items():
-        if not isinstance(m, dict) or not isinstance(m.get("model"), str):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise AlignError(f"{where}: models: {name!r} is not a usable name (letters, digits, '_', '-', '.'; "
+                             "it names the answers file)")
+        if not isinstance(m, dict) or not isinstance(m.get("model"), str) or not m["model"].strip():
             raise AlignError(f"{where}: models.{name} needs 'model' (and optionally 'adapter')")
         bad = set(m) - MODEL_KEYS
         if bad:

@@ -23,6 +23,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def check_model_args(model_args) -> None:
     """Validation that needs no model: runs before anything heavy is loaded."""
+    if not str(model_args.model_name_or_path or "").strip():
+        raise AlignError("recipe: key 'model_name_or_path' is empty")
     if model_args.dtype not in DTYPES:
         raise AlignError(f"recipe: key 'dtype' must be one of {', '.join(DTYPES)}, got {model_args.dtype!r}")
     impl = model_args.experts_implementation

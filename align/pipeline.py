@@ -91,6 +91,10 @@ def load_pipeline(path: str) -> dict:
         raise AlignError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (allowed: output_dir, accelerate_config, stages, seed)")
     if not spec.get("output_dir") or not isinstance(spec["output_dir"], str):
         raise AlignError(f"{path}: key 'output_dir' is required")
+    if Path(spec["output_dir"]).exists() and not Path(spec["output_dir"]).is_dir():
+        raise AlignError(f"{path}: key 'output_dir': {spec['output_dir']} is a file, not a folder")
+    if "seed" in spec and (isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int)):
+        raise AlignError(f"{path}: key 'seed' must be a whole number")
     stages = spec.get("stages")
     if not isinstance(stages, list) or not stages:
         raise AlignError(f"{path}: key 'stages' must be a non-empty list")
@@ -140,6 +144,11 @@ def load_pipeline(path: str) -> dict:
 
             if stage.get("generator", "addition-sft") not in GENERATORS:
                 raise AlignError(f"{where}: generator must be one of {', '.join(GENERATORS)}, got {stage.get('generator')!r}")
+            digits = stage.get("digits", [2, 3])
+            if not digits or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 9 for d in digits):
+                raise AlignError(f"{where}: key 'digits' must list digit counts from 1 to 9, got {digits!r}")
+            if stage.get("split", "train") not in ("all", "train", "heldout"):
+                raise AlignError(f"{where}: key 'split' must be all, train or heldout, got {stage.get('split')!r}")
         if stage["kind"] == "publish":
             source = stage["source"]
             kinds = {s["name"]: s["kind"] for s in stages[:i]}

@@ -61,7 +61,7 @@ def check_feedback(feedback, where: str) -> float:
 
 
 def write_generated_data(spec: dict, folder: Path) -> str:
-    generator = spec.get("generator")
+    generator = spec.get("generator", GENERATORS[0])
     if generator not in GENERATORS:
         raise AlignError(f"stage {spec.get('name')}: generator must be one of {', '.join(GENERATORS)}, got {generator!r}")
     feedback = check_feedback(spec.get("feedback", 0.0), f"stage {spec.get('name')}")

@@ -296,3 +296,92 @@ def test_in_process_fallback_is_reachable_by_the_candidate_which_is_why_it_is_la
     verdict = _verify(ATTACKS["marker_from_code_and_frames"], shared)
     assert verdict.isolation == "in-process" and "FOUND []" not in verdict.observation
     assert "FOUND []" in _verify(ATTACKS["marker_from_code_and_frames"]).observation
+
+
+# ---------------------------------------------------------------- found by a red-team pass, now held
+SORT = Problem(id="sort", task="code", prompt="", entry_point="sort_in_place",
+               tests="def check(candidate):\n    data = [3, 1, 2]\n    candidate(data)\n    candidate(data)\n"
+                     "    assert data == [1, 2, 3]\n")
+DOWNGRADE = """
+import os
+try:
+    os.fstat(5)  # the verdict fd of the one-process fallback
+    os.write(5, PAYLOAD); os._exit(0)
+except OSError:
+    pass
+def sort_in_place(lst):
+    x = 0
+    for _ in range(99):
+        x = [x]
+    lst[:] = [x]  # copied back into the tests' list, 101 deep: the next call can't send it
+"""
+
+
+@pytest.mark.parametrize("payload", ["b'{\"passed\": true}'", "b'[' * 60000"])
+def test_the_candidate_cannot_choose_the_in_process_fallback(payload):
+    verdict = _verify(DOWNGRADE.replace("PAYLOAD", payload), SORT)
+    assert not verdict.correct and verdict.isolation == "process", verdict
+
+
+def test_a_garbage_verdict_in_the_fallback_is_a_failure_not_a_crash():
+    problem = Problem(id="apply", task="code", prompt="", entry_point="apply",
+                      tests="def check(candidate):\n    assert candidate(lambda x: x + 1, 1) == 2\n")
+    verdict = _verify("import os\nos.write(5, b'[' * 60000)\nos._exit(0)\n", problem)
+    assert not verdict.correct and verdict.isolation == "in-process"
+
+
+def test_the_fallback_shares_the_one_timeout():
+    slow = ("import time\ncalls = [0]\ndef sort_in_place(lst):\n    calls[0] += 1\n    time.sleep(2.5)\n"
+            "    x = 0\n    for _ in range(99):\n        x = [x]\n    lst[:] = [x]\n")
+    start = time.monotonic()
+    verdict = _verify(slow, SORT)
+    assert not verdict.correct and time.monotonic() - start < LIMITS.timeout_s + 2
+
+
+@needs_cgroups
+def test_one_cgroup_holds_both_sides_of_a_verification(monkeypatch):
+    import align.trees.sandbox as sandbox
+
+    made = []
+    real = sandbox._Cgroups.create
+    monkeypatch.setattr(sandbox._Cgroups, "create", lambda self, *a, **k: made.append(a) or real(self, *a, **k))
+    assert _verify("def add(a, b):\n    return a + b\n").correct
+    assert len(made) == 1 and made[0][0] == LIMITS.memory_mb << 20
+
+
+def test_sysv_shared_memory_dies_with_the_run():
+    code = ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]\n"
+            "for _ in range(3):\n    libc.shmget(0, 4 << 20, 0o1000 | 0o666)\ndef add(a, b):\n    return a + b\n")
+    before = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout.count("0x")
+    assert _verify(code).correct
+    assert subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout.count("0x") == before
+
+
+def test_the_in_process_fallback_is_read_confined_too():
+    problem = Problem(id="apply", task="code", prompt="", entry_point="apply",
+                      tests="def check(candidate):\n    assert candidate(lambda x: x + 1, 1) == 2\n")
+    readme = str(__import__("conftest").REPO / "README.md")
+    verdict = _verify(f"open({readme!r}).read()\ndef apply(f, x):\n    return f(x)\n", problem)
+    assert not verdict.correct and "PermissionError" in verdict.observation
+
+
+def test_answers_that_would_hang_the_parent():
+    from align.trees.verifiers import verify_math
+
+    start = time.monotonic()
+    assert not _verify("\n" * 200000 + "x").correct  # no fenced block: the fallback pattern is linear
+    assert not verify_math(Problem(id="m", task="math", prompt="", answer="5"), "\\boxed{1e999999999}").correct
+    assert time.monotonic() - start < 10
+
+
+def test_whole_number_limits_must_be_whole():
+    with pytest.raises(ValueError, match="memory_mb must be a whole number"):
+        SandboxLimits(memory_mb=128.5)
+    with pytest.raises(ValueError, match="max_open_files must be a whole number"):
+        SandboxLimits(max_open_files=64.5)
+
+
+def test_a_program_that_does_not_compile_says_why():
+    result = run_python("def f(:\n    pass\n", LIMITS)
+    assert result.status == "error" and "SyntaxError" in result.stderr
+    assert "null" in run_python("print(1)\x00", LIMITS).stderr

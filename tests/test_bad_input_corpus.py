@@ -228,3 +228,103 @@ def test_bad_input_is_one_line(case, tmp_path, capsys, monkeypatch):
     assert exit_.value.code == 2, (case, err)
     assert len(err) == 1 and err[0].startswith("align: error: "), (case, err)
     assert expected in err[0], (case, err[0])
+
+
+# ---------------------------------------------------------------- found by a red-team pass
+def _file(tmp, name, text):
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def _tree_line(**changes):
+    tree = {"tree_id": "t", "problem": {"id": "p", "task": "math"}, "instruction": "1+1", "solved": False,
+            "turns": [{"turn": 1, "history": [{"role": "user", "content": "1+1"}],
+                       "actions": [{"text": "2", "correct": True}], "pair": None}]}
+    tree.update(changes)
+    return json.dumps(tree) + "\n"
+
+
+HUGE = "9" * 5000
+ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n")
+CASES.update({
+    "problems: addition digits -1": (_trees_case(problems="addition:3:0:-1"), "digits"),
+    "problems: addition digits 0 held out": (_trees_case(problems="addition:3:0:0:heldout"), "digits"),
+    "problems: arithmetic with junk": (_trees_case(problems="arithmetic:2:0:junk"), "too many parts"),
+    "problems: humaneval with a count": (_trees_case(problems="humaneval:5"), "too many parts"),
+    "problems: a 5000-digit id": (_trees_case(problems_text='{"id": ' + HUGE + ', "task": "math"}\n'), "problems.jsonl:1"),
+    "problems: entry point a keyword": (_trees_case(problems_text=json.dumps({**CODE_ROW, "entry_point": "None"})),
+                                        "'entry_point'"),
+    "problems: answer NaN": (_trees_case(problems_text='{"id": 1, "task": "math", "prompt": "p", "answer": NaN}\n'),
+                             "finite"),
+    "trees: a 5000-digit seed": (_trees_case(f"problems: arithmetic:2\nseed: {HUGE}\n"), "trees.yaml"),
+    "trees: an alias bomb": (_trees_case("problems: arithmetic:2\nseed:\n  " + ALIAS_BOMB.replace("\n", "\n  ")), "seed"),
+    "trees: actor adapter missing": (_trees_case(actor={"backend": "local", "model": "tiny-mixtral",
+                                                        "adapter": "/nonexistent/adapter"}), "adapter"),
+    "trees: actor dtype int4": (_trees_case(actor={"backend": "local", "model": "tiny-mixtral", "dtype": "int4"}), "dtype"),
+    "trees: actor model empty": (_trees_case(actor={"backend": "local", "model": ""}), "'model' is empty"),
+    "export: a problem without task": (_trees_file_case(_tree_line(problem={"id": "p"})), "trees.jsonl:1"),
+    "export: no tree_id": (_trees_file_case(_tree_line(tree_id=None)), "trees.jsonl:1"),
+    "export: turns of numbers": (_trees_file_case(_tree_line(turns=[1])), "trees.jsonl:1"),
+    "stats: turn number a word": (_trees_file_case(_tree_line(turns=[{"turn": "one", "history": [], "actions": []}]),
+                                                   "stats"), "trees.jsonl:1"),
+    "export: a pair naming action 7": (_trees_file_case(_tree_line(turns=[{"turn": 1, "history": [], "pair": {"chosen": 7, "rejected": 0},
+                                                                           "actions": [{"text": "2", "correct": True}]}])),
+                                       "trees.jsonl:1"),
+    "export: history a string": (_trees_file_case(_tree_line(turns=[{"turn": 1, "history": "text", "actions": []}])),
+                                 "trees.jsonl:1"),
+    "export: corrupt build_info": (lambda tmp: _trees_file_case(_tree_line())(tmp)
+                                   and (tmp / "trees" / "build_info.json").write_text("{not json")
+                                   and ["trees", "export", str(tmp / "trees"), "--output", str(tmp / "export")],
+                                   "build_info.json"),
+    "export: output is a file": (lambda tmp: _trees_file_case(_tree_line())(tmp)[:3]
+                                 + ["--output", _file(tmp, "taken.txt", "x")], "is a file"),
+    "import: a bad id": (lambda tmp: ["trees", "import", _file(tmp, "p.jsonl", json.dumps(
+        {"id": "abc_x", "parent_id": "p", "trajectory": [{"from": "user", "value": "q"}], "chosen": "a", "rejected": "b"}) + "\n"),
+        "--output", str(tmp / "o")], "row 0"),
+    "import: an empty trajectory": (lambda tmp: ["trees", "import", _file(tmp, "p.jsonl", json.dumps(
+        {"id": "a_1_1", "parent_id": "p", "trajectory": [], "chosen": "a", "rejected": "b"}) + "\n"),
+        "--output", str(tmp / "o")], "trajectory"),
+    "import: role/content turns": (lambda tmp: ["trees", "import", _file(tmp, "p.jsonl", json.dumps(
+        {"id": "a_1_1", "parent_id": "p", "trajectory": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}) + "\n"),
+        "--output", str(tmp / "o")], "trajectory"),
+    "import: null parent": (lambda tmp: ["trees", "import", _file(tmp, "p.jsonl", json.dumps(
+        {"id": "a_1_1", "parent_id": None, "trajectory": [{"from": "user", "value": "q"}], "chosen": None, "rejected": 5}) + "\n"),
+        "--output", str(tmp / "o")], "parent_id"),
+    "sft: env key empty": (_stage_case(SFT + "\nenv: {'': x}\n"), "env"),
+    "sft: env key with =": (_stage_case(SFT + "\nenv: {'A=B': x}\n"), "env"),
+    "sft: env value with NUL": (_stage_case(SFT + '\nenv: {A: "x\\0y"}\n'), "env"),
+    "sft: env value a list": (_stage_case(SFT + "\nenv: {A: [1, 2]}\n"), "env"),
+    "sft: batch size 0": (_stage_case(SFT.replace("per_device_train_batch_size: 4", "per_device_train_batch_size: 0")),
+                          "per_device_train_batch_size"),
+    "sft: accumulation 0": (_stage_case(SFT.replace("gradient_accumulation_steps: 1", "gradient_accumulation_steps: 0")),
+                            "gradient_accumulation_steps"),
+    "sft: max_length 0": (_stage_case(SFT.replace("max_length: 256", "max_length: 0")), "max_length"),
+    "sft: max_length -5": (_stage_case(SFT.replace("max_length: 256", "max_length: -5")), "max_length"),
+    "sft: seed -1": (_stage_case(SFT.replace("seed: 42", "seed: -1")), "seed"),
+    "sft: lora_alpha -16": (_stage_case(SFT.replace("lora_alpha: 16", "lora_alpha: -16")), "lora_alpha"),
+    "sft: output_dir a file": (lambda tmp: _stage_case(SFT)(tmp) + ["--output_dir", _file(tmp, "f.txt", "x")], "is a file"),
+    "sft: model path empty": (_stage_case(SFT.replace("model_name_or_path: tiny-mixtral", "model_name_or_path: ''")),
+                              "model_name_or_path"),
+    "sft: dataset path empty": (_stage_case(SFT.replace("- path: data/tiny/sft.jsonl", "- path: ''")), "empty path"),
+    "eval: model name a path": (_eval_case({"problems": "arithmetic:2", "models": {"../../x": {"model": "tiny-mixtral"}}}),
+                                "not a usable name"),
+    "eval: model name empty": (_eval_case({"problems": "arithmetic:2", "models": {"": {"model": "tiny-mixtral"}}}),
+                               "not a usable name"),
+    "run: data digits empty": (_pipeline_case({"stages": [{"name": "d", "kind": "data", "digits": []}]}), "digits"),
+    "run: seed a list": (_pipeline_case({"seed": [1, 2], "stages": [{"name": "d", "kind": "data"}]}), "seed"),
+    "run: output_dir a file": (lambda tmp: ["run", _file(tmp, "p.yaml", _yaml({"output_dir": _file(tmp, "o.txt", "x"),
+                                                                              "stages": [{"name": "d", "kind": "data"}]}))],
+                               "is a file"),
+    "sandbox: memory 16": (_sandbox_case(b"print(1)", "--memory-mb", "16"), "--memory-mb"),
+})
+
+
+def test_error_lines_stay_short(tmp_path, capsys):
+    from align.cli import main
+
+    argv = CASES["trees: an alias bomb"][0](tmp_path)
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert len(capsys.readouterr().err) < 1000

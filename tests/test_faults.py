@@ -317,3 +317,32 @@ def test_math_commas_are_thousands_separators_only():
     assert not verify_math(twelve, "\\boxed{1,2}").correct and verify_math(twelve, "\\boxed{12}").correct
     big = Problem(id="b", task="math", prompt="", answer="1234567")
     assert verify_math(big, "\\boxed{1,234,567}").correct and not verify_math(big, "\\boxed{12,34,567}").correct
+
+
+def test_an_overflowing_retry_after_is_no_header(scripted):
+    handler, url = scripted
+    handler.script = [("status", 503, {"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"}), ("json", GOOD)]
+    texts, backend = _ask(url, max_retries=1)
+    assert texts == ["Answer:\n\\boxed{5}"]
+
+
+def test_a_failed_problem_cancels_its_other_samples(scripted):
+    handler, url = scripted
+    handler.script = [("status", 500, {})]
+
+    async def go():
+        backend = ServerBackend(ModelSpec(backend="server", base_urls=[url], backoff_s=0.05, max_retries=1))
+        with pytest.raises(BackendError):
+            await backend.generate([{"role": "user", "content": "hi"}], 4, 0)
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await backend.aclose()
+        return pending
+
+    assert asyncio.run(go()) == []
+
+
+def test_a_reply_longer_than_any_answer_is_refused(scripted):
+    handler, url = scripted
+    handler.script = [("json", {"choices": [{"message": {"content": "x" * (2 << 20)}}]}), ("json", GOOD)]
+    texts, backend = _ask(url, max_retries=1)
+    assert texts == ["Answer:\n\\boxed{5}"] and backend.retries == 1

@@ -24,7 +24,7 @@ import struct
 import sys
 import traceback
 
-MAX_MESSAGE = 64 * 1024 * 1024
+MAX_MESSAGE = 16 * 1024 * 1024  # a reply the tests' side will parse at most
 MAX_DEPTH = 100
 REQUEST_FD, REPLY_FD, VERDICT_FD = 3, 4, 5
 SOLUTION_FILE, TESTS_FILE, PROMPT_FILE = "solution.py", "tests.py", "prompt.py"
@@ -229,13 +229,13 @@ class _FromCandidate:
 
 
 def _candidate_exception(name, message, text):
-    base = getattr(builtins, name, None)
+    base = getattr(builtins, name, None) if name.isidentifier() else None
     if not (isinstance(base, type) and issubclass(base, Exception)) or base in (SystemExit, KeyboardInterrupt):
         base = RuntimeError
     try:
-        cls = type(name, (base, _FromCandidate), {})
+        cls = type(name if name.isidentifier() else "CandidateError", (base, _FromCandidate), {})
         err = cls(message)
-    except TypeError:
+    except Exception:
         err = type("CandidateError", (RuntimeError, _FromCandidate), {})(message)
     err.candidate_traceback = text
     return err
@@ -298,12 +298,12 @@ def run_tests(prompt, tests, entry_point):
         check(candidate)
         verdict["passed"] = True
     except CannotSplit as err:
-        verdict.update(split=False, reason=str(err))
+        _cannot_split(verdict, str(err), calls[0])
     except NameError as err:
         if isinstance(err, _FromCandidate):
             verdict["observation"] = _observation(err)
         else:  # the tests use a name that only the candidate's code defines
-            verdict.update(split=False, reason="the tests use %s" % err)
+            _cannot_split(verdict, "the tests use %s" % err, calls[0])
     except CandidateGone:
         verdict.update(gone=True, observation="The program exited before the tests finished.")
     except ProtocolError as err:
@@ -317,6 +317,16 @@ def run_tests(prompt, tests, entry_point):
         pass
     os.write(verdict_fd, json.dumps(verdict).encode("utf-8", "surrogatepass"))
     os._exit(0)
+
+
+def _cannot_split(verdict, reason, calls):
+    """Fall back to one process only when the candidate cannot have caused it: before it answered any call
+    (its answers, copied back into the tests' values, could otherwise make the next call unsplittable on
+    purpose and so choose the forgeable fallback). After that it is a failure."""
+    if calls == 0:
+        verdict.update(split=False, reason=reason)
+    else:
+        verdict["observation"] = "The tests could not go on with what the program returned (%s)." % reason
 
 
 class CandidateFailure(Exception):

@@ -30,6 +30,7 @@ import threading
 import traceback
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
@@ -138,7 +139,8 @@ def child(req, fds):
         for cgroup in req.get("cgroups") or []:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
-        flags = (CLONE_NEWNET if req["netns"] else 0) | (CLONE_NEWNS if req.get("tmpfs_mb") else 0)
+        # Its own IPC namespace: SysV shared memory made by the run dies with it, and no run reaches another's.
+        flags = (CLONE_NEWNET if req["netns"] else 0) | (CLONE_NEWNS if req.get("tmpfs_mb") else 0) | CLONE_NEWIPC
         if flags and not req["root"]:
             flags |= CLONE_NEWUSER
         if flags and _libc.unshare(flags) != 0:

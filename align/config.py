@@ -374,6 +374,16 @@ TRAINER_RANGES = {
 }
 
 
+def cpu_processes_defaults(values: dict) -> dict:
+    """Several processes (an accelerate launch) on a machine without a GPU: each trains on the CPU and they
+    reduce over gloo, unless the recipe says otherwise (otherwise they would train one model each)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+        return {}
+    return {k: v for k, v in (("use_cpu", True), ("ddp_backend", "gloo")) if k not in values}
+
+
 def parse_stage_args(train_config_cls, argv: list[str]):
     """Parse `--config FILE` plus `--key value` overrides into (ModelArguments, DataArguments, train config).
 
@@ -414,6 +424,7 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
     classes = (ModelArguments, DataArguments, train_config_cls)
     values = validate_keys(recipe, classes, source)
     values.update(validate_keys(overrides or {}, classes, "command line"))
+    values.update(cpu_processes_defaults(values))
     if values.get("output_dir") in (None, ""):
         raise AlignError(f"{source}: key 'output_dir' is required")
     if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():

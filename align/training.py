@@ -8,6 +8,7 @@ in them.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -57,6 +58,16 @@ def prepare_stage(stage: str, argv: list[str]):
         source = getattr(args, "_align_recipe_source", "recipe")
         check_training_extras(args, source)
         check_eval_settings(args, source)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                   if os.environ.get(var, "").lower() == "true"]
+        if sharded and not __import__("torch").cuda.is_available():
+            raise AlignError(f"{source}: the accelerate config asks for {sharded[0]}, which needs GPUs (accelerate runs "
+                             "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
+        if world > 1 and args.world_size != world:
+            raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
+                             f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
+                             "CPU machine launch with recipes/accelerate/multi_cpu.yaml")
         resume = _resume_value(args.resume_from_checkpoint)
         if resume is True and not _has_checkpoint(args.output_dir):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
@@ -103,6 +114,9 @@ def run_stage(stage: str, argv: list[str]):
     else:
         peft_config = build_lora_config(model_args, model)
 
+    # push_to_hub: the folder is pushed once it is saved whole (secrets checked first); the trainer's own
+    # pushes (a repo made at init, every checkpoint pushed) stay off.
+    args._align_push, args.push_to_hub = bool(args.push_to_hub), False
     trainer_cls = training_stage(stage).trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
@@ -113,6 +127,9 @@ def run_stage(stage: str, argv: list[str]):
         print(f"[align] {stage}: {format_trainable_report(trainer.model)}", flush=True)
         print(f"[align] {stage}: moe_lora_backend={fused['backend']} fused expert stacks={fused['fused_experts']} "
               f"fused routers={fused['fused_routers']} fallbacks={len(fused['fallbacks'])}", flush=True)
+        state = trainer.accelerator.state
+        print(f"[align] {stage}: distributed={getattr(state.distributed_type, 'value', state.distributed_type)} "
+              f"processes={state.num_processes} device={state.device}", flush=True)
 
     trainer.train(resume_from_checkpoint=resume)
     save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)
@@ -120,21 +137,26 @@ def run_stage(stage: str, argv: list[str]):
 
 
 def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: str) -> None:
-    """Adapter, tokenizer, resolved config, log history and (on request) a merged model in output_dir."""
+    """Adapter, tokenizer, resolved config, log history and (on request) a merged model in output_dir; then
+    the push, when the recipe asks for it.
+
+    Saving goes through the trainer on every process: under FSDP or ZeRO-3 it gathers the sharded weights
+    (accelerate's state dict) before the main process writes them, where a save of one rank's own module
+    would write its shard. The frozen "ref" copy of a preference stage only serves training: it is saved as
+    a second adapter and removed, so the folder is the "default" adapter alone."""
+    import shutil
+
+    out = Path(args.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = hasattr(model, "peft_config")
+    if not is_peft:  # TRL switches router logits on for the aux loss; saved on, they break cached generation
+        model.config.output_router_logits = False
+    trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        # The frozen "ref" copy only serves training; the published adapter is "default" alone.
-        model.save_pretrained(out, selected_adapters=["default"])
-    else:
-        # TRL switches router logits on for the aux loss; saved on, they break cached generation later.
-        model.config.output_router_logits = False
-        model.save_pretrained(out)  # full-parameter training: a complete model folder
+    if is_peft and "ref" in model.peft_config:
+        shutil.rmtree(out / "ref", ignore_errors=True)
     tokenizer.save_pretrained(out)
     trainer.save_state()
     config = resolved_config(model_args, data_args, args)
@@ -150,3 +172,19 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
     print(f"[align] {stage}: adapter written to {out}", flush=True)
+    if getattr(args, "_align_push", False):
+        from align.publish import push_folder
+
+        repo = args.hub_model_id or out.name
+        url = push_folder(str(out), repo if "/" in repo else f"{_hub_user()}/{repo}",
+                          private=args.hub_private_repo is not False)
+        print(f"[align] {stage}: pushed to {url}", flush=True)
+
+
+def _hub_user() -> str:
+    from huggingface_hub import whoami
+
+    try:
+        return whoami(token=os.environ.get("HF_TOKEN"))["name"]
+    except Exception as err:
+        raise AlignError(f"push_to_hub: set hub_model_id: ORG/NAME (no Hub login to name the repo: {err})") from None

@@ -28,6 +28,8 @@ def readme_commands() -> set[str]:
             found.add("accelerate launch")
         if "--accelerate_config" in snippet:
             found.add("--accelerate_config")
+        if re.search(r"align run \S+ --check", snippet):
+            found.add("run --check")
     return found
 
 
@@ -159,9 +161,15 @@ def smoke_accelerate_config(tmp_path, capsys, trees_dir, sft_output):
     assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()
 
 
+def smoke_run_check(tmp_path, capsys, trees_dir, sft_output):
+    out = _cli(["run", REPO / "recipes" / "quickstart" / "pipeline.yaml", "--check"], capsys)
+    assert out.strip().endswith("9 stages check out")
+
+
 SMOKE = {name[len("smoke_"):].replace("_", " "): fn for name, fn in dict(globals()).items() if name.startswith("smoke_")}
 SMOKE["accelerate launch"] = smoke_run
 SMOKE["--accelerate_config"] = SMOKE.pop("accelerate config")
+SMOKE["run --check"] = SMOKE.pop("run check")
 
 
 def test_every_readme_command_has_a_smoke_run():

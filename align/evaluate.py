@@ -32,6 +32,8 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "Problems decoded together.", "range": (1, 65536)})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per answer at most.", "range": (1, 1 << 20)})
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems.", "range": (1, None)})
+    critic: str = field(default="observation", metadata={"help": "The critic of the later turns: observation or steps "
+                                                         "(the first wrong step, for the built-in addition)."})
     runs: dict = field(default_factory=dict, metadata={"help": "name: stage output folder, for the plots."})
     trees: str | None = field(default=None, metadata={"help": "A trees folder, for the tree statistics plot."})
 
@@ -83,6 +85,8 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     config = EvalConfig(**validate_keys(spec, [EvalConfig], where))
     if not config.models:
         raise AlignError(f"{where}: key 'models' is empty")
+    if config.critic not in ("observation", "steps"):
+        raise AlignError(f"{where}: key 'critic' must be observation or steps, got {config.critic!r}")
     for name, m in config.models.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             raise AlignError(f"{where}: models: {name!r} is not a usable name (letters, digits, '_', '-', '.'; "
@@ -133,9 +137,10 @@ def generate_greedy(backend, chats: list[list[dict]], batch_size: int) -> list[s
 
 
 def multi_turn(backend, problems: list[Problem], first: list[str], first_correct: list[bool], turns: int,
-               batch_size: int) -> tuple[dict, list[list[dict]]]:
-    """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts."""
-    from align.trees.critic import feedback_turn
+               batch_size: int, critic: str = "observation") -> tuple[dict, list[list[dict]]]:
+    """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts; `critic`
+    steps adds the first wrong step to each feedback turn, as in the trees."""
+    from align.trees.critic import feedback_turn, step_critique
 
     chats = [[{"role": "user", "content": p.instruction}, {"role": "assistant", "content": r}] for p, r in zip(problems, first)]
     solved = list(first_correct)
@@ -145,7 +150,8 @@ def multi_turn(backend, problems: list[Problem], first: list[str], first_correct
     for k in range(2, turns + 1):
         todo = [i for i, ok in enumerate(solved) if not ok]
         for i in todo:
-            chats[i].append({"role": "user", "content": feedback_turn(observation[i])})
+            critique = step_critique(problems[i], chats[i][-1]["content"]) if critic == "steps" else ""
+            chats[i].append({"role": "user", "content": feedback_turn(observation[i], critique)})
         answers = generate_greedy(backend, [chats[i] for i in todo], batch_size)
         for i, answer in zip(todo, answers):
             chats[i].append({"role": "assistant", "content": answer})
@@ -189,7 +195,8 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         correct = scored.pop("correct")
         later = [[] for _ in problems]
         if turns > 1:
-            scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size)
+            scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size,
+                                                     config.critic)
         with open(output / f"answers_{name}.jsonl", "w") as f:
             for p, r, ok, more in zip(problems, responses, correct, later):
                 f.write(json.dumps({"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}) + "\n")

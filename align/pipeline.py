@@ -53,6 +53,7 @@ class DataStage:
     split: str = field(default="train", metadata={"help": "all, train (no held-out pair) or heldout."})
     feedback: float = field(default=0.0, metadata={"help": "Fraction of rows showing a wrong try and the critic's turn.",
                                                    "range": (0.0, 1.0)})
+    critic: str = field(default="observation", metadata={"help": "The feedback rows' critic: observation or steps."})
 
 
 @dataclass

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from align.errors import AlignError
-from align.trees.critic import feedback_turn
+from align.trees.critic import feedback_turn, step_critique
 from align.trees.problems import addition_problems
 
 GENERATORS = ("addition-sft",)
@@ -32,11 +32,13 @@ def wrong_addition_steps(a: int, b: int, rng: random.Random) -> str:
     return "\n".join(lines + [f"Answer: {answer}"])
 
 
-def addition_sft_rows(n: int, seed: int, digits: list[int], split: str = "train", feedback: float = 0.0) -> list[dict]:
+def addition_sft_rows(n: int, seed: int, digits: list[int], split: str = "train", feedback: float = 0.0,
+                      critic: str = "observation") -> list[dict]:
     """`a+b` prompt-completion rows answered by step-by-step column addition, digit counts mixed evenly;
     by default never a held-out pair, so evaluation on the `heldout` split stays unseen. A `feedback`
     fraction of rows first shows a wrong attempt and the observation critic's feedback turn, so the
-    model learns to try again after "Your answer is wrong." (only the final, correct answer is trained)."""
+    model learns to try again after "Your answer is wrong." (only the final, correct answer is trained);
+    with critic "steps" the feedback turn also names the first wrong step, as the step critic does."""
     problems = []
     for i, d in enumerate(digits):
         problems += addition_problems(n // len(digits), seed=seed + 1000 * i, digits=d, split=split)
@@ -48,8 +50,9 @@ def addition_sft_rows(n: int, seed: int, digits: list[int], split: str = "train"
         if rng.random() < feedback:
             a, b = map(int, p.prompt.split("+"))
             wrong = wrong_addition_steps(a, b, rng)
+            critique = step_critique(p, wrong) if critic == "steps" else ""
             prompt += [{"role": "assistant", "content": wrong},
-                       {"role": "user", "content": feedback_turn(wrong.rsplit("Answer: ", 1)[1])}]
+                       {"role": "user", "content": feedback_turn(wrong.rsplit("Answer: ", 1)[1], critique)}]
         rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": p.extra["solution"]}]})
     return rows
 
@@ -67,7 +70,7 @@ def write_generated_data(spec: dict, folder: Path) -> str:
     feedback = check_feedback(spec.get("feedback", 0.0), f"stage {spec.get('name')}")
     digits = spec.get("digits", [2, 3])
     rows = addition_sft_rows(int(spec.get("n", 20000)), int(spec.get("seed", 0)), list(digits), spec.get("split", "train"),
-                             feedback)
+                             feedback, spec.get("critic", "observation"))
     path = folder / "train.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -361,3 +361,38 @@ def test_mixtral_pipeline_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     assert set(results["models"]) == {"instruct", "sft", "nca", "kto"}  # dpo is off by default: skipped
     assert results["models"]["instruct"]["n"] == 3 and "2" in results["models"]["instruct"]["pass@turns"]
     assert (out / "publish" / "hub" / "README.md").is_file()
+
+
+def test_the_eval_set_is_500_distinct_problems_apart_from_every_training_row_and_its_twin():
+    from align.quickstart import addition_sft_rows
+    from align.trees.problems import load_problems
+
+    def pair(text):
+        return tuple(sorted(map(int, text.split("+"))))
+
+    heldout = load_problems("addition:500:999:2:heldout")[0]
+    assert len({pair(p.prompt) for p in heldout}) == 500  # distinct, and no two are twins
+    trees = {pair(p.prompt) for p in load_problems("addition:3000:7:2:train")[0]}
+    boot = {pair(r["prompt"][0]["content"]) for r in addition_sft_rows(12800, 12345, [2, 3], feedback=0.2, critic="steps")}
+    assert not {pair(p.prompt) for p in heldout} & (trees | boot)
+    with pytest.raises(AlignError, match="only 656 distinct held-out pairs"):
+        load_problems("addition:700:1:2:heldout")
+
+
+def test_the_step_critic_names_the_first_wrong_step_without_the_answer():
+    from align.trees.critic import step_critique
+    from align.trees.problems import Problem, addition_steps
+
+    problem = Problem(id="a", task="math", prompt="57+68", answer="125", prefix="", extra={"solution": addition_steps(57, 68)})
+    assert addition_steps(57, 68) == "7+8=15\n5+6+1=12\nAnswer: 125"
+    cases = {
+        "7+8=15\n5+6+1=13\nAnswer: 135": "Step 2 is wrong: 5+6+1 is not 13.",
+        "7+8=15\n5+6=11\nAnswer: 115": "Step 2 carries 0, but the step before it carries 1.",
+        "7+9=16\n5+6+1=12\nAnswer: 126": "Step 1 adds the wrong digits: the units digits are 7 and 8.",
+        "7+8=15\nAnswer: 15": "Step 2 is missing: add the tens digits too.",
+        "7+8=15\n5+6+1=12\nAnswer: 124": "The steps are right, but the answer does not follow from them",
+    }
+    for answer, critique in cases.items():
+        text = step_critique(problem, answer)
+        assert text.startswith(critique) and "125" not in text, (answer, text)
+    assert step_critique(Problem(id="b", task="math", prompt="x", answer="1"), "2") == ""  # no reference: no critique

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.trees.backends import BackendError, ModelSpec, make_backend
-from align.trees.critic import LLMCritic, ObservationCritic, feedback_turn, load_template
+from align.trees.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
 from align.trees.problems import Problem, load_problems
 from align.trees.sandbox import SandboxLimits
 from align.trees.store import StoreLocked, TreeStore, write_atomic
@@ -32,7 +32,7 @@ BUILD_INFO = "build_info.json"
 
 @dataclass
 class CriticSpec(ModelSpec):
-    type: str = "observation"  # observation | llm
+    type: str = "observation"  # observation | steps (the first wrong step, built-in addition) | llm
     template: str | None = None  # llm: prompt template file (default align/templates/critic.txt)
 
 
@@ -66,8 +66,8 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
         limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
     except ValueError as err:
         raise AlignError(f"{source}: {err}") from None
-    if critic.type not in ("observation", "llm"):
-        raise AlignError(f"{source}: critic: key 'type' must be observation or llm, got {critic.type!r}")
+    if critic.type not in ("observation", "steps", "llm"):
+        raise AlignError(f"{source}: critic: key 'type' must be observation, steps or llm, got {critic.type!r}")
     if critic.type == "llm":
         load_template(critic.template)
     for name, spec in (("actor", actor), ("critic", critic)):
@@ -265,7 +265,8 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
         return summary
     try:
         actor = actor or make_backend(actor_spec)
-        critic = LLMCritic(make_backend(critic_spec), critic_spec.template) if critic_spec.type == "llm" else ObservationCritic()
+        critic = (LLMCritic(make_backend(critic_spec), critic_spec.template) if critic_spec.type == "llm"
+                  else StepCritic() if critic_spec.type == "steps" else ObservationCritic())
     except BaseException:
         store.close()
         raise

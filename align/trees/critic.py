@@ -1,8 +1,10 @@
 """The critic: what the actor is told after a wrong answer.
 
 The feedback turn follows the released data: `Out: <observation>\nYour answer is wrong.\n<critique>`.
-The observation critic (the offline default) adds no critique; the LLM critic asks a model, given the
-reference answer, to locate the error and suggest a fix without revealing the answer.
+The observation critic (the offline default) adds no critique; the step critic (offline, for problems
+with a step-by-step reference such as the built-in addition) names the first wrong step and why; the LLM
+critic asks a model, given the reference answer, to locate the error and suggest a fix without revealing
+the answer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,52 @@ class ObservationCritic:
 
     async def critique(self, problem: Problem, history: list[dict], action: str, observation: str, seed: int) -> str:
         return ""
+
+    async def aclose(self):
+        pass
+
+
+_STEP = re.compile(r"^\s*(\d)\+(\d)(?:\+(\d))?=(\d+)\s*$")
+
+
+def step_critique(problem: Problem, action: str) -> str:
+    """For a problem with a step-by-step reference solution (the built-in addition): what the paper's
+    critic gives, the first wrong step and why, without the final answer. Rule-based: the action's steps are
+    held to the reference's, line by line."""
+    reference = (problem.extra or {}).get("solution")
+    if not reference:
+        return ""
+    ref_steps = [_STEP.match(line) for line in reference.splitlines() if _STEP.match(line)]
+    got_lines = [line for line in action.splitlines() if line.strip() and not line.startswith("Answer")]
+    for k, ref in enumerate(ref_steps, 1):
+        place = ("units", "tens", "hundreds", "thousands")[k - 1] if k <= 4 else f"column {k}"
+        if k > len(got_lines):
+            return f"Step {k} is missing: add the {place} digits too."
+        got = _STEP.match(got_lines[k - 1])
+        if got is None:
+            return f"Step {k} is not a column sum like 7+8=15: add the {place} digits and write the sum."
+        x, y, c = ref.group(1), ref.group(2), ref.group(3) or "0"
+        gx, gy, gc = got.group(1), got.group(2), got.group(3) or "0"
+        if {gx, gy} != {x, y}:
+            return f"Step {k} adds the wrong digits: the {place} digits are {x} and {y}."
+        if gc != c:
+            return (f"Step {k} carries {gc}, but the step before it carries {c}." if c != "0" or gc != "0"
+                    else f"Step {k} adds a carry that the step before it does not make.")
+        if got.group(4) != ref.group(4):
+            return f"Step {k} is wrong: {got_lines[k - 1].split('=')[0].strip()} is not {got.group(4)}."
+    if len(got_lines) > len(ref_steps):
+        return f"There are more steps than columns: after step {len(ref_steps)} only the last carry remains."
+    return "The steps are right, but the answer does not follow from them: read the digits off the steps."
+
+
+class StepCritic:
+    """The offline critic for the built-in tasks: the observation and the first wrong step (see
+    step_critique). Problems without a step-by-step reference get the observation alone."""
+
+    name = "steps"
+
+    async def critique(self, problem: Problem, history: list[dict], action: str, observation: str, seed: int) -> str:
+        return step_critique(problem, action)
 
     async def aclose(self):
         pass

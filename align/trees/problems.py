@@ -146,36 +146,58 @@ def addition_steps(a: int, b: int) -> str:
 ADDITION_SPLITS = ("all", "train", "heldout")
 
 
+HELDOUT_EIGHTHS = 1  # an eighth of all pairs is held out: about 630 distinct 2-digit problems
+
+
 def is_heldout_pair(a: int, b: int) -> bool:
-    """A fixed tenth of all (a, b) pairs, by hash, is reserved for evaluation: `train` never draws them.
-    (A hash, not arithmetic on a and b: a linear rule would reserve a structured class, such as every
-    sum ending in 0, that the model then never sees.)"""
+    """A fixed eighth of all pairs, by hash of the unordered pair (so a+b and its twin b+a fall on the same
+    side), is reserved for evaluation: `train` never draws them. (A hash, not arithmetic on a and b: a linear
+    rule would reserve a structured class, such as every sum ending in 0, that the model then never sees.)"""
     import hashlib
 
-    return hashlib.sha256(f"{a}+{b}".encode()).digest()[0] % 10 == 0
+    low, high = min(a, b), max(a, b)
+    return hashlib.sha256(f"{low}+{high}".encode()).digest()[0] % 8 < HELDOUT_EIGHTHS
+
+
+def heldout_pairs(digits: int) -> list[tuple[int, int]]:
+    """Every held-out unordered pair (a <= b) of numbers below 10**digits, in a fixed order."""
+    hi = 10 ** digits
+    return [(a, b) for a in range(hi) for b in range(a, hi) if is_heldout_pair(a, b)]
+
+
+def _addition(a: int, b: int, digits: int, split: str, seed: int, i: int) -> Problem:
+    return Problem(id=f"add{digits}-{split}-{seed}-{i}", task="math", prompt=f"{a}+{b}", answer=str(a + b),
+                   source="addition", prefix="", extra={"solution": addition_steps(a, b)})
 
 
 def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str = "all") -> list[Problem]:
     """Seeded `a+b` problems (no instruction prefix) whose reference solution is `addition_steps`.
-    split: all, train (never a held-out pair) or heldout (only held-out pairs)."""
+    split: all, train (never a held-out pair, in either order) or heldout (distinct held-out pairs, one
+    order each, never two twins: at most len(heldout_pairs(digits)) of them)."""
     if split not in ADDITION_SPLITS:
         raise AlignError(f"problems: addition split must be one of {', '.join(ADDITION_SPLITS)}, got {split!r}")
-    if not isinstance(digits, int) or not 1 <= digits <= 9:
-        raise AlignError(f"problems: addition digits must be from 1 to 9, got {digits!r}")
+    if not isinstance(digits, int) or not 1 <= digits <= (3 if split == "heldout" else 9):
+        raise AlignError(f"problems: addition digits must be from 1 to {3 if split == 'heldout' else 9}, got {digits!r}")
     if not isinstance(n, int) or n < 0:
         raise AlignError(f"problems: addition needs a count of 0 or more, got {n!r}")
     rng = random.Random(seed)
+    if split == "heldout":
+        pairs = heldout_pairs(digits)
+        if n > len(pairs):
+            raise AlignError(f"problems: only {len(pairs)} distinct held-out pairs of {digits}-digit numbers, asked for {n}")
+        chosen = rng.sample(pairs, n)
+        return [_addition(*(pair if rng.random() < 0.5 else pair[::-1]), digits, split, seed, i)
+                for i, pair in enumerate(chosen)]
     hi = 10 ** digits - 1
     out = []
     for i in range(n):
-        for _ in range(100_000):  # a tenth of the pairs are held out: this never takes long, unless none is
+        for _ in range(100_000):  # most pairs are not held out: this never takes long, unless none is
             a, b = rng.randint(0, hi), rng.randint(0, hi)
-            if split == "all" or is_heldout_pair(a, b) == (split == "heldout"):
+            if split == "all" or not is_heldout_pair(a, b):
                 break
         else:
             raise AlignError(f"problems: no {split} pair of {digits}-digit numbers found")
-        out.append(Problem(id=f"add{digits}-{split}-{seed}-{i}", task="math", prompt=f"{a}+{b}", answer=str(a + b),
-                           source="addition", prefix="", extra={"solution": addition_steps(a, b)}))
+        out.append(_addition(a, b, digits, split, seed, i))
     return out
 
 

@@ -1,0 +1,117 @@
+"""The quickstart's table over several seeds, with its spread: mean ± sd of every model's pass@1 and
+pass@k turns, the chosen reward at the end of each preference stage, and the turn-2 share of the pairs.
+
+The first seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with DPO and KTO enabled);
+the others share its bootstrap (data + bootstrap stages) and rerun everything after it with their own
+seed (trees sampling, every training stage's `seed`). Each seed's pipeline lives in OUT/seed-S; a rerun
+skips finished stages, so an interrupted benchmark resumes.
+
+    python benchmarks/quickstart_spread.py [--seeds 1 2 3] [--output outputs/quickstart-spread]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = REPO / "recipes" / "quickstart" / "pipeline.yaml"
+TRAINING = ("sft", "nca", "dpo", "kto")
+
+
+def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path:
+    spec = yaml.safe_load(PIPELINE.read_text())
+    spec["output_dir"] = str(out / f"seed-{seed}")
+    stages = []
+    for stage in spec["stages"]:
+        if shared_bootstrap is not None and stage["name"] in ("data", "bootstrap"):
+            continue
+        stage = json.loads(json.dumps(stage).replace("${bootstrap}", str(shared_bootstrap)) if shared_bootstrap else
+                           json.dumps(stage))
+        if stage["kind"] == "trees" or stage["kind"] in TRAINING:
+            stage.setdefault("set", {})["seed"] = seed
+        stage.pop("enabled", None)  # DPO and KTO too
+        stages.append(stage)
+    spec["stages"] = stages
+    path = out / f"pipeline-seed-{seed}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def final_chosen_reward(stage_dir: Path) -> float | None:
+    state = stage_dir / "trainer_state.json"
+    if not state.is_file():
+        return None
+    rows = [h for h in json.loads(state.read_text())["log_history"] if "rewards/chosen" in h]
+    return rows[-1]["rewards/chosen"] if rows else None
+
+
+def collect(seed_dir: Path) -> dict:
+    results = json.loads((seed_dir / "eval" / "results.json").read_text())
+    stats = json.loads((seed_dir / "trees" / "export" / "stats.json").read_text())
+    pairs_by_turn = {}
+    for line in (seed_dir / "trees" / "trees.jsonl").read_text().splitlines():
+        for turn in json.loads(line)["turns"]:
+            if turn["pair"]:
+                pairs_by_turn[turn["turn"]] = pairs_by_turn.get(turn["turn"], 0) + 1
+    total_pairs = sum(pairs_by_turn.values())
+    return {
+        "models": {name: {"pass@1": r["pass@1"], **{f"pass@{k} turns": v for k, v in r.get("pass@turns", {}).items()
+                                                   if k != "1"}} for name, r in results["models"].items()},
+        "chosen_reward": {stage: final_chosen_reward(seed_dir / stage) for stage in ("nca", "dpo", "kto")},
+        "pairs": total_pairs,
+        "turn2_pair_share": round(sum(v for k, v in pairs_by_turn.items() if k >= 2) / total_pairs, 4) if total_pairs else 0.0,
+        "pass_rate_per_turn": stats["stats"]["pass_rate_per_turn"],
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1%} ± {sd:.1%}" if max(abs(v) for v in values) <= 1 else f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--output", default="outputs/quickstart-spread")
+    args = parser.parse_args()
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed, shared = {}, None
+    for seed in args.seeds:
+        path = seeded_pipeline(seed, out, shared)
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "align", "run", str(path)], cwd=REPO)
+        if proc.returncode:
+            raise SystemExit(f"seed {seed}: align run {path} failed (exit {proc.returncode})")
+        shared = shared or out / f"seed-{seed}" / "bootstrap"
+        per_seed[seed] = {**collect(out / f"seed-{seed}"), "seconds": round(time.monotonic() - start)}
+        print(json.dumps({"seed": seed, **per_seed[seed]}), flush=True)
+    models = list(next(iter(per_seed.values()))["models"])
+    columns = sorted({c for r in per_seed.values() for m in r["models"].values() for c in m})
+    lines = [f"seeds {args.seeds}; mean ± sd over seeds", "", "| model | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in models:
+        lines.append(f"| {name} | " + " | ".join(mean_sd([r["models"][name].get(c) for r in per_seed.values()])
+                                                for c in columns) + " |")
+    lines += ["", "| chosen reward at the end | " + " | ".join(("nca", "dpo", "kto")) + " |", "|---|---|---|---|",
+              "| mean ± sd | " + " | ".join(mean_sd([r["chosen_reward"][s] for r in per_seed.values()])
+                                          for s in ("nca", "dpo", "kto")) + " |",
+              "", f"turn-2+ share of the pairs: {mean_sd([r['turn2_pair_share'] for r in per_seed.values()])}"]
+    table = "\n".join(lines)
+    (out / "spread.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,6 +76,12 @@ class ModelArguments:
     router_stats: bool = field(
         default=True, metadata={"help": "Log per-layer expert load and router entropy at every logging step."}
     )
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input of the attention projections. PEFT's expert and router "
+                               "LoRA (target_parameters) take none: above 0 it needs lora_experts and lora_router off."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a hub model."})
+    # (trust_remote_code and, for SFT, chat_template_path are TRL's own training keys: they work as in TRL)
 
 
 @dataclass
@@ -310,9 +316,81 @@ def stage_help(stage: str) -> str:
             "--accelerate_config NAME|FILE checks the recipe, then runs the stage under `accelerate launch`",
             "(names: recipes/accelerate/*.yaml, e.g. single_gpu, multi_gpu, zero3, fsdp2, cpu).",
             "Data columns: " + " or ".join("/".join(g) for g in spec.columns)
-            + f", or the UltraInteract columns {'/'.join(spec.released)}."]
+            + f", or the UltraInteract columns {'/'.join(spec.released)}.",
+            "TRL / alignment-handbook names work too: " + ", ".join(f"{k} (= {v})" for k, v in TRL_NAMES.items()) + "."]
     return "\n".join(head) + "\n" + keys_help([("model", ModelArguments), ("data", DataArguments),
                                                   (f"training, TRL's {config_cls.__name__}", config_cls)])
+
+
+# TRL's ModelConfig / ScriptArguments and alignment-handbook names -> ours (did-you-mean looks at both).
+TRL_NAMES = {"use_peft": "use_lora", "torch_dtype": "dtype", "warmup_ratio": "warmup_steps",
+             "max_seq_length": "max_length", "evaluation_strategy": "eval_strategy",
+             "lora_target_modules": "lora_attention_modules",
+             "lora_target_parameters": "lora_experts / lora_router", "dataset_name": "datasets",
+             "dataset_config": "datasets[].name", "dataset_train_split": "datasets[].split"}
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A recipe written with TRL's / alignment-handbook's key names, as ours (see TRL_NAMES)."""
+    out = dict(values)
+
+    def take(trl_key, ours):
+        if trl_key in out:
+            if ours in out:
+                raise AlignError(f"{source}: keys '{trl_key}' and '{ours}' say the same thing; keep one")
+            out[ours] = out.pop(trl_key)
+
+    take("use_peft", "use_lora")
+    take("torch_dtype", "dtype")
+    take("warmup_ratio", "warmup_steps")  # transformers 5: warmup_steps below 1 is a ratio
+    take("max_seq_length", "max_length")  # older TRL
+    take("evaluation_strategy", "eval_strategy")  # older transformers
+    if "lora_target_modules" in out:
+        modules = out.pop("lora_target_modules")
+        if modules in ("all-linear", ["all-linear"]):
+            modules = ATTENTION_PROJECTIONS  # the experts and router are LoRA-ed through lora_experts / lora_router
+        modules = [modules] if isinstance(modules, str) else modules
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise AlignError(f"{source}: key 'lora_target_modules' must be a list of module names or all-linear")
+        # As in TRL, LoRA goes where the list says: the MLP's names (dense or Mixtral's w1/w2/w3) mean the
+        # experts here, gate / router the router; without them experts and router stay without LoRA.
+        mlp, router = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "experts"}, {"gate", "router"}
+        out.setdefault("lora_attention_modules", [m for m in modules if m not in mlp | router])
+        out.setdefault("lora_attention", bool(out["lora_attention_modules"]))
+        flags = {"lora_experts": any(m in mlp for m in modules), "lora_router": any(m in router for m in modules)}
+    else:
+        flags = {"lora_experts": False, "lora_router": False} if "lora_target_parameters" in out else {}
+    if "lora_target_parameters" in out:
+        params = out.pop("lora_target_parameters")
+        params = [params] if isinstance(params, str) else params
+        if not isinstance(params, list):
+            raise AlignError(f"{source}: key 'lora_target_parameters' must be a list of parameter names")
+        known = {"experts.gate_up_proj": "lora_experts", "experts.down_proj": "lora_experts", "gate.weight": "lora_router",
+                 "router.weight": "lora_router"}
+        for name in params:
+            if name not in known:
+                raise AlignError(f"{source}: key 'lora_target_parameters': {name!r} is not one of {', '.join(known)}")
+        for key in ("lora_experts", "lora_router"):
+            flags[key] = flags.get(key, False) or any(known[n] == key for n in params)
+    for key, value in flags.items():
+        out.setdefault(key, value)
+    if "dataset_name" in out:
+        if "datasets" in out:
+            raise AlignError(f"{source}: keys 'dataset_name' and 'datasets' both name the data; keep one")
+        entry = {"path": out.pop("dataset_name")}
+        if "dataset_config" in out:
+            entry["name"] = out.pop("dataset_config")
+        if "dataset_train_split" in out:
+            entry["split"] = out.pop("dataset_train_split")
+        out["datasets"] = [entry]
+    for key in ("dataset_config", "dataset_train_split"):
+        if key in out:
+            raise AlignError(f"{source}: key '{key}' goes with dataset_name (or put it in a datasets entry)")
+    out.pop("dataset_test_split", None)  # serves TRL's in-training eval, which a stage does not run (see eval)
+    if out.pop("dataset_streaming", False):
+        raise AlignError(f"{source}: key 'dataset_streaming' is not supported (the stages load their data whole)")
+    return out
 
 
 def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any]:
@@ -322,7 +400,7 @@ def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any
     out = {}
     for key, value in values.items():
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(key, list(known) + list(TRL_NAMES), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise AlignError(f"{source}: unknown key '{key}'{hint}")
         _, tp = known[key]
@@ -362,7 +440,7 @@ def check_range(key: str, value: Any, metadata, source: str) -> None:
 # and only fail on deep inside training: a ZeroDivisionError at the first step, after the model has
 # loaded). Not in the fields' metadata: TRL's parser hands metadata to argparse, which refuses unknown keys.
 TRAINER_RANGES = {
-    "lora_r": (1, 65536), "lora_alpha": (1, None), "max_train_samples": (1, None),
+    "lora_r": (1, 65536), "lora_alpha": (1, None), "max_train_samples": (1, None), "lora_dropout": (0.0, 0.99),
     "per_device_train_batch_size": (1, None), "per_device_eval_batch_size": (1, None),
     "gradient_accumulation_steps": (1, None), "max_length": (1, None), "max_prompt_length": (1, None),
     "max_completion_length": (1, None), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
@@ -375,13 +453,15 @@ TRAINER_RANGES = {
 
 
 def cpu_processes_defaults(values: dict) -> dict:
-    """Several processes (an accelerate launch) on a machine without a GPU: each trains on the CPU and they
-    reduce over gloo, unless the recipe says otherwise (otherwise they would train one model each)."""
+    """On a machine without a GPU the stage trains on the CPU (transformers refuses bf16 there unless told
+    use_cpu); several processes (an accelerate launch) reduce over gloo (otherwise they would train one
+    model each). Keys the recipe sets are kept."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+    if torch.cuda.is_available() or getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return {}
-    return {k: v for k, v in (("use_cpu", True), ("ddp_backend", "gloo")) if k not in values}
+    defaults = [("use_cpu", True)] + ([("ddp_backend", "gloo")] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else [])
+    return {k: v for k, v in defaults if k not in values}
 
 
 def parse_stage_args(train_config_cls, argv: list[str]):
@@ -422,9 +502,12 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
             os.environ[str(name)] = str(value)
 
     classes = (ModelArguments, DataArguments, train_config_cls)
-    values = validate_keys(recipe, classes, source)
-    values.update(validate_keys(overrides or {}, classes, "command line"))
+    values = validate_keys(translate_trl_keys(recipe, source), classes, source)
+    values.update(validate_keys(translate_trl_keys(overrides or {}, "command line"), classes, "command line"))
     values.update(cpu_processes_defaults(values))
+    names = {f.name for f in dataclasses.fields(train_config_cls)}
+    if "assistant_only_loss" in names and not {"assistant_only_loss", "completion_only_loss"} & set(values):
+        values["assistant_only_loss"] = True  # our default (TRL's is false): multi-turn SFT trains on assistant turns
     if values.get("output_dir") in (None, ""):
         raise AlignError(f"{source}: key 'output_dir' is required")
     if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():

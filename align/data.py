@@ -48,8 +48,9 @@ def pairs_to_kto(dataset):
     return Dataset.from_list(rows)
 
 
-def load_one(path: str, split: str = "train", name: str | None = None):
-    """A `datasets.Dataset` from a saved folder, a jsonl/json/parquet file or folder, or a hub id."""
+def load_one(path: str, split: str = "train", name: str | None = None, data_files=None, data_dir: str | None = None):
+    """A `datasets.Dataset` from a saved folder, a jsonl/json/parquet file or folder, or a hub id (with
+    `name`, `data_files`, `data_dir` as `datasets.load_dataset` takes them)."""
     import datasets
 
     p = Path(path).expanduser()
@@ -69,11 +70,12 @@ def load_one(path: str, split: str = "train", name: str | None = None):
             if builder is None:
                 raise AlignError(f"dataset {path}: unsupported file type '{suffix}' (use .jsonl, .json, .parquet or .csv)")
             return datasets.load_dataset(builder, data_files=str(p), split="train")
+        extra = {k: v for k, v in (("data_files", data_files), ("data_dir", data_dir)) if v}
         if p.is_dir():
-            return datasets.load_dataset(str(p), split=split)
+            return datasets.load_dataset(str(p), name, split=split, **extra)
         if path.startswith((".", "/", "~")) or p.suffix in (".jsonl", ".json", ".parquet", ".csv"):
             raise AlignError(f"dataset {path}: file or folder not found")
-        return datasets.load_dataset(path, name, split=split)
+        return datasets.load_dataset(path, name, split=split, **extra)
     except AlignError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the path and the reason
@@ -108,16 +110,28 @@ def to_stage_format(ds, stage: str, source: str):
     )
 
 
+# A datasets entry: ours (weight) and TRL's DatasetConfig / mixture names (fraction, data_files, data_dir, columns).
+DATASET_KEYS = {"path", "weight", "fraction", "split", "name", "data_files", "data_dir", "columns"}
+
+
 def _spec(item: Any, index: int) -> dict:
     if isinstance(item, str):
         item = {"path": item}
     if isinstance(item, dict) and isinstance(item.get("path"), str) and not item["path"].strip():
         raise AlignError(f"recipe: datasets[{index}] has an empty path")
     if isinstance(item, dict) and "path" in item:
-        unknown = set(item) - {"path", "weight", "split", "name"}
+        unknown = set(item) - DATASET_KEYS
         if unknown:
-            raise AlignError(f"recipe: datasets[{index}] has unknown key(s) {', '.join(sorted(unknown))} "
-                             "(allowed: path, weight, split, name)")
+            raise AlignError(f"recipe: datasets[{index}] has unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                             f"(allowed: {', '.join(sorted(DATASET_KEYS))})")
+        item = dict(item)
+        if "fraction" in item:  # TRL's mixture name for the share of rows kept
+            if "weight" in item:
+                raise AlignError(f"recipe: datasets[{index}] has both fraction and weight; keep one")
+            item["weight"] = item.pop("fraction")
+        columns = item.get("columns")
+        if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+            raise AlignError(f"recipe: datasets[{index}].columns must be a list of column names")
         return item
     raise AlignError(f"recipe: datasets[{index}] must be a path or a mapping with 'path'")
 
@@ -148,9 +162,15 @@ def _load_and_mix(specs: list[dict], data_args, stage: str):
     parts = []
     for spec in specs:
         source = str(spec["path"])
-        ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"))
+        ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"), data_files=spec.get("data_files"),
+                      data_dir=spec.get("data_dir"))
         if len(ds) == 0:
             raise AlignError(f"dataset {source}: has no rows")
+        if spec.get("columns"):
+            missing = [c for c in spec["columns"] if c not in ds.column_names]
+            if missing:
+                raise AlignError(f"dataset {source}: no column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
+            ds = ds.select_columns(spec["columns"])
         ds = to_stage_format(ds, stage, source)
         weight = spec.get("weight", 1.0)
         keep = max(1, round(weight * len(ds)))

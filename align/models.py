@@ -47,15 +47,29 @@ def check_model_args(model_args) -> None:
                              "update); merge the adapter into the 16-bit base instead")
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, chat_template_path: str | None = None, revision: str | None = None,
+                   trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    kwargs = {k: v for k, v in (("revision", revision), ("trust_remote_code", trust_remote_code)) if v}
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
+    if chat_template_path:
+        tokenizer.chat_template = read_chat_template(chat_template_path)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def read_chat_template(path: str) -> str:
+    """A Jinja template file, or a tokenizer folder's chat_template.jinja (TRL's chat_template_path)."""
+    from align.errors import read_user_text
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "chat_template.jinja"
+    return read_user_text(p, "chat template")
 
 
 def _from_pretrained(model_path: str, **kwargs):
@@ -113,7 +127,7 @@ def load_with_nf4_experts(model_path: str, kwargs: dict):
     return load_nf4_streaming(folder, dtype=dtype, **overrides)
 
 
-def load_model(model_args, gradient_checkpointing: bool = False):
+def load_model(model_args, gradient_checkpointing: bool = False, trust_remote_code: bool = False):
     """The base model (plus the starting adapter, trainable, when the recipe names one)."""
     import torch
 
@@ -127,6 +141,10 @@ def load_model(model_args, gradient_checkpointing: bool = False):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.experts_implementation:
         kwargs["experts_implementation"] = model_args.experts_implementation
+    if getattr(model_args, "model_revision", "main") != "main":
+        kwargs["revision"] = model_args.model_revision
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     if model_args.load_in_4bit:
         from transformers import BitsAndBytesConfig
 

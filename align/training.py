@@ -74,9 +74,17 @@ def prepare_stage(stage: str, argv: list[str]):
         dataset = load_training_data(data_args, stage)
         with quiet_libraries():
             model_path = resolve_model_path(model_args.model_name_or_path)
-            tokenizer = load_tokenizer(model_args.adapter_name_or_path or model_path)
+            tokenizer = _stage_tokenizer(model_args, args, model_path)
             preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume
+
+
+def _stage_tokenizer(model_args, args, model_path: str):
+    """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
+    model_revision); TRL's chat_template_path replaces the template."""
+    revision = None if model_args.adapter_name_or_path or model_args.model_revision == "main" else model_args.model_revision
+    return load_tokenizer(model_args.adapter_name_or_path or model_path, getattr(args, "chat_template_path", None),
+                          revision, getattr(args, "trust_remote_code", False))
 
 
 def run_stage(stage: str, argv: list[str]):
@@ -98,8 +106,9 @@ def run_stage(stage: str, argv: list[str]):
     model_args, data_args, args, dataset, resume = prepare_stage(stage, argv)
     logger.info("%s: %d training rows", stage, len(dataset))
 
-    model, model_path = load_model(model_args, gradient_checkpointing=args.gradient_checkpointing)
-    tokenizer = load_tokenizer(model_args.adapter_name_or_path or model_path)
+    model, model_path = load_model(model_args, gradient_checkpointing=args.gradient_checkpointing,
+                                   trust_remote_code=getattr(args, "trust_remote_code", False))
+    tokenizer = _stage_tokenizer(model_args, args, model_path)
     from peft import PeftModel
 
     if not model_args.use_lora:

@@ -67,7 +67,7 @@ def test_trees_recipe_validates(path: Path):
     assert 1 <= config.max_turns <= 5 and config.samples_per_turn >= 2
     if "quickstart" not in path.as_posix():
         assert config.max_turns == 5  # UltraInteract's depth
-    assert actor.backend in ("local", "server") and critic.type in ("observation", "llm")
+    assert actor.backend in ("local", "server") and critic.type in ("observation", "steps", "llm")
 
 
 def test_trees_recipe_errors_name_the_key(tmp_path):

@@ -64,10 +64,15 @@ def build_lora_config(model_args, model: nn.Module):
         target_parameters.append("gate.weight")
     if not target_modules and not target_parameters:
         raise AlignError("recipe: lora_attention, lora_experts and lora_router are all off; nothing would train")
+    dropout = getattr(model_args, "lora_dropout", 0.0)
+    if dropout and target_parameters:
+        raise AlignError("recipe: key 'lora_dropout' is above 0, but PEFT's expert and router LoRA (target_parameters) "
+                         "take no dropout: set lora_dropout: 0, or lora_experts: false and lora_router: false")
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
-        lora_dropout=0.0,  # ParamWrapper (expert/router LoRA) refuses dropout
+        lora_dropout=dropout,
+        use_rslora=getattr(model_args, "use_rslora", False),
         target_modules=target_modules or None,
         target_parameters=target_parameters or None,
         task_type="CAUSAL_LM",

@@ -74,6 +74,8 @@ class PublishStage:
     repo_id: str = field(default="your-org/model", metadata={"help": "ORG/NAME on the Hub."})
     push: bool = field(default=False, metadata={"help": "Push (else a dry run: the folder only)."})
     merge: bool = field(default=False, metadata={"help": "Publish the base with the adapter merged in."})
+    base_repo_id: str | None = field(default=None, metadata={"help": "The base model's Hub repo, when it is a local folder."})
+    dataset_repo_ids: list[str] = field(default_factory=list, metadata={"help": "Hub repos of the training data, when local."})
 
 
 def stage_settings_class(kind: str):
@@ -368,6 +370,10 @@ class Runner:
                "--output", str(folder / "hub"), "--eval", str(Path(self.folders.get("eval", "")) / "results.json")]
         if resolved.get("merge"):
             cmd.append("--merge")
+        if resolved.get("base_repo_id"):
+            cmd += ["--base-repo-id", resolved["base_repo_id"]]
+        for repo in resolved.get("dataset_repo_ids") or []:
+            cmd += ["--dataset-repo-id", repo]
         if not resolved.get("push"):
             cmd.append("--dry-run")
         self._run(cmd, log, stage["name"])

@@ -18,12 +18,22 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bo
 
     check_folder(folder)
     api = HfApi(token=os.environ.get("HF_TOKEN"))
-    try:
-        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type=repo_type)
-    except Exception as err:  # network, auth: the user needs the reason, not a traceback
-        raise AlignError(f"push to {repo_id} failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    hub_call(f"push to {repo_id}", api.create_repo, repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    hub_call(f"push to {repo_id}", api.upload_folder, folder_path=folder, repo_id=repo_id, repo_type=repo_type)
     return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+
+
+def hub_call(what: str, fn, *args, **kwargs):
+    """A Hub call whose failure (network, auth, quota) is one line naming what failed."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        raise AlignError(f"{what} failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+
+
+def is_local(name: str | None) -> bool:
+    """A folder on this machine (a stage's output), not a Hub repo id."""
+    return bool(name) and (Path(name).expanduser().exists() or str(name).startswith((".", "/", "~")))
 
 
 CARD_LICENSE = "apache-2.0"
@@ -42,50 +52,75 @@ def _lora_groups(adapter_config: dict) -> list[str]:
 
 
 def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merged: bool, repo_id: str,
-               eval_table: str | None, plots: list[str]) -> str:
-    """A model card whose YAML block carries base_model, datasets, tags, license and library_name."""
+               eval_results: dict | None, plots: list[str], base_repo: str | None = None,
+               dataset_repos: list[str] | None = None):
+    """huggingface_hub's ModelCard with its card data: base_model, datasets (Hub repo ids only: a local
+    folder is named in the text, never in the metadata), tags, license, library_name, pipeline_tag, and
+    model-index results from the eval stage."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from align.evaluate import markdown_table
+
     model_cfg, data_cfg, train_cfg = config.get("model", {}), config.get("data", {}), config.get("training", {})
     base = model_cfg.get("model_name_or_path") or "unknown"
+    base_repo = base_repo or (None if is_local(base) or base.startswith("tiny-mixtral") else base)
     datasets = [d["path"] if isinstance(d, dict) else str(d) for d in data_cfg.get("datasets", [])]
+    dataset_repos = dataset_repos if dataset_repos is not None else [d for d in datasets if not is_local(d)]
     stage = config.get("stage", "sft")
-    meta = {
-        "base_model": base,
-        "datasets": datasets,
-        "library_name": "transformers" if merged or not adapter_config else "peft",
-        "license": CARD_LICENSE,
-        "tags": ["moe", "mixtral", "lora", stage, "align", "preference-trees"],
-        "pipeline_tag": "text-generation",
-    }
-    import yaml
-
+    results = []
+    for name, r in (eval_results or {}).get("models", {}).items():
+        if r.get("adapter") and Path(r["adapter"]).resolve() == Path(stage_dir).resolve():
+            problems = str(eval_results.get("problems", "eval"))
+            results.append(EvalResult(task_type="text-generation", dataset_type=problems.split(":")[0],
+                                      dataset_name=problems, metric_type="pass@1", metric_value=r["pass@1"]))
+            for k, v in r.get("pass@turns", {}).items():
+                if k != "1":
+                    results.append(EvalResult(task_type="text-generation", dataset_type=problems.split(":")[0],
+                                              dataset_name=problems, metric_type=f"pass@{k}-turns", metric_value=v))
+    data = ModelCardData(
+        base_model=base_repo, datasets=dataset_repos or None, library_name="transformers" if merged or not adapter_config else "peft",
+        license=CARD_LICENSE, tags=["moe", "mixtral", "lora", stage, "align", "preference-trees"],
+        pipeline_tag="text-generation", model_name=repo_id.split("/")[-1] if results else None,
+        eval_results=results or None)
     lora = _lora_groups(adapter_config or {})
     settings = {k: train_cfg.get(k) for k in ("learning_rate", "num_train_epochs", "max_steps", "beta", "loss_type",
                                                "per_device_train_batch_size", "gradient_accumulation_steps",
                                                "router_aux_loss_coef") if train_cfg.get(k) not in (None, [], -1)}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {repo_id.split('/')[-1]}", "",
+    lines = [f"# {repo_id.split('/')[-1]}", "",
              f"`{base}` tuned with **{stage.upper()}** by moe-align"
              + (" (adapter merged into the base)." if merged else " (a PEFT LoRA adapter)."), "",
              "## Training", "",
-             f"- base model: `{base}`",
+             f"- base model: `{base}`" + (f" (on the Hub: `{base_repo}`)" if base_repo and base_repo != base else ""),
              f"- datasets: {', '.join(f'`{d}`' for d in datasets) or 'n/a'}",
              f"- LoRA targets: {'; '.join(lora) if lora else 'none (full-parameter)'}"
              + (f"; rank {adapter_config.get('r')}, alpha {adapter_config.get('lora_alpha')}" if adapter_config else ""),
              "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
              "- recipe: the fully resolved configuration is in `align_config.yaml`", ""]
-    if eval_table:
-        lines += ["## Evaluation (pass@1, greedy)", "", eval_table.strip(), ""]
+    if eval_results:
+        lines += ["## Evaluation (pass@1, greedy)", "", markdown_table(eval_results).strip(), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     lines += ["## Intended use and limitations", "",
               "Research on preference tuning of Mixture-of-Experts models for reasoning. The model was tuned on "
               "verifiable problems (math answers, unit tests, exact-match logic); it has not been evaluated for "
               "safety, factuality or use outside those tasks, and inherits the base model's limitations.", ""]
-    return "\n".join(lines)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def check_card_for_push(card, where: str) -> None:
+    """A card about to be pushed names Hub repos only in its metadata."""
+    data = card.data.to_dict()
+    for key in ("base_model", "datasets"):
+        values = data.get(key) or []
+        for value in [values] if isinstance(values, str) else values:
+            if is_local(value):
+                raise AlignError(f"{where}: the card's {key} is the local folder {value}; push it first and give its "
+                                 f"repo id ({'--base-repo-id' if key == 'base_model' else '--dataset-repo-id'})")
 
 
 def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool = False,
-                         eval_results: str | None = None) -> Path:
+                         eval_results: str | None = None, base_repo: str | None = None,
+                         dataset_repos: list[str] | None = None) -> Path:
     import json
     import shutil
 
@@ -115,19 +150,17 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
                  "chat_template.jinja", "align_config.yaml"):
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
-    eval_table, plots = None, []
+    results, plots = None, []
     if eval_results and Path(eval_results).is_file():
-        from align.evaluate import markdown_table
-
-        eval_table = markdown_table(json.loads(Path(eval_results).read_text()))
+        results = json.loads(Path(eval_results).read_text())
         plot_dir = Path(eval_results).parent / "plots"
         if plot_dir.is_dir():
             (out / "plots").mkdir()
             for png in sorted(plot_dir.glob("*.png")):
                 shutil.copy2(png, out / "plots" / png.name)
                 plots.append(png.name)
-    (out / "README.md").write_text(model_card(src, config, adapter_config, merge and bool(adapter_config), repo_id,
-                                              eval_table, plots))
+    model_card(src, config, adapter_config, merge and bool(adapter_config), repo_id, results, plots, base_repo,
+               dataset_repos).save(str(out / "README.md"))
     return out
 
 
@@ -142,13 +175,28 @@ def main(argv: list[str]):
     parser.add_argument("--output", help="where to build the Hub folder (default: STAGE_OUTPUT/hub)")
     parser.add_argument("--eval", help="an eval results.json whose table and plots go into the card")
     parser.add_argument("--public", action="store_true", help="create the repo public (default private)")
+    parser.add_argument("--base-repo-id", help="the Hub repo of the base model, when the stage trained on a local folder")
+    parser.add_argument("--dataset-repo-id", action="append", help="a Hub dataset repo of the training data (repeatable), "
+                        "when the stage trained on local folders")
     args = parser.parse_args(argv)
-    if "/" not in args.repo_id:
-        raise AlignError(f"--repo-id: {args.repo_id!r} should look like ORG/NAME")
+    for flag, value in (("--repo-id", args.repo_id), ("--base-repo-id", args.base_repo_id),
+                        *(("--dataset-repo-id", d) for d in args.dataset_repo_id or [])):
+        if value is not None and ("/" not in value or is_local(value)):
+            raise AlignError(f"{flag}: {value!r} should be a Hub repo id, ORG/NAME")
     folder = build_publish_folder(args.stage_output, args.repo_id, args.output or os.path.join(args.stage_output, "hub"),
-                                  merge=args.merge, eval_results=args.eval)
+                                  merge=args.merge, eval_results=args.eval, base_repo=args.base_repo_id,
+                                  dataset_repos=args.dataset_repo_id)
     print(f"[align] publish: folder ready at {folder}")
     if not args.dry_run:
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(str(folder / "README.md"))
+        check_card_for_push(card, str(folder / "README.md"))
+        config = __import__("yaml").safe_load((Path(args.stage_output) / "align_config.yaml").read_text())
+        base = (config.get("model") or {}).get("model_name_or_path")
+        if not card.data.base_model and (is_local(base) or str(base).startswith("tiny-mixtral")):
+            raise AlignError(f"--base-repo-id: the base model {base} is a local folder; push it (for instance with "
+                             "align publish --merge) and name its repo with --base-repo-id")
         url = push_folder(str(folder), args.repo_id, private=not args.public)
         print(f"[align] publish: pushed to {url}")
     return 0

@@ -182,8 +182,10 @@ def test_publish_dry_run_card_loads(sft_output, tmp_path):
     out = tmp_path / "hub"
     assert publish([str(sft_output), "--repo-id", "me/tiny", "--dry-run", "--output", str(out), "--eval", str(results)]) == 0
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == "tiny-mixtral" and card.data.library_name == "peft"
-    assert card.data.license == "apache-2.0" and "moe" in card.data.tags and card.data.datasets
+    # metadata names Hub repos only: the embedded tiny model and the local data are in the text, not there
+    assert card.data.base_model is None and not card.data.datasets and card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0" and "moe" in card.data.tags
+    assert "`tiny-mixtral`" in card.text and "data/tiny/sft.jsonl" in card.text
     text = card.text
     assert "| base | 25.0% |" in text and "plots/rewards.png" in text and "experts (" in text and "router" in text
     assert (out / "adapter_model.safetensors").exists() and (out / "tokenizer.json").exists()
@@ -396,3 +398,31 @@ def test_the_step_critic_names_the_first_wrong_step_without_the_answer():
         text = step_critique(problem, answer)
         assert text.startswith(critique) and "125" not in text, (answer, text)
     assert step_critique(Problem(id="b", task="math", prompt="x", answer="1"), "2") == ""  # no reference: no critique
+
+
+
+def test_model_card_metadata_model_index_and_no_local_paths_pushed(sft_output, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    import align.publish
+    from align.cli import main
+    from align.publish import main as publish
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"problems": "addition:500:999:2:heldout", "models": {
+        "sft": {"pass@1": 0.7, "n": 500, "per_task": {"math": {"pass@1": 0.7, "n": 500}}, "adapter": str(sft_output),
+                "pass@turns": {"1": 0.7, "2": 0.75}}}}))
+    assert publish([str(sft_output), "--repo-id", "me/tiny", "--dry-run", "--output", str(tmp_path / "hub"), "--eval",
+                    str(results), "--base-repo-id", "me/tiny-base", "--dataset-repo-id", "me/tiny-trees"]) == 0
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.base_model == "me/tiny-base" and card.data.datasets == ["me/tiny-trees"]
+    (index,) = card.data.to_dict()["model-index"]
+    metrics = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    assert metrics == {"pass@1": 0.7, "pass@2-turns": 0.75}
+    pushed = []
+    monkeypatch.setattr(align.publish, "push_folder", lambda folder, repo, **kw: pushed.append(repo) or "url")
+    with pytest.raises(SystemExit):  # a local base and no repo id: refused, before anything is pushed
+        main(["publish", str(sft_output), "--repo-id", "me/tiny", "--output", str(tmp_path / "hub2")])
+    assert not pushed
+    assert main(["publish", str(sft_output), "--repo-id", "me/tiny", "--output", str(tmp_path / "hub3"),
+                 "--base-repo-id", "me/tiny-base"]) == 0 and pushed == ["me/tiny"]

@@ -232,6 +232,17 @@ def test_exports_load_in_every_stage(tmp_path):
     assert counts["pairs"] > 0 and counts["sft"] > 0 and counts["kto"] == counts["kto_desirable"] + counts["kto_undesirable"]
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"| `pairs` | {counts['pairs']} |" in card and "observation" in card
+    # the Hub's layout: every config loads as load_dataset would load it from the Hub
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    for config in ("sft", "pairs", "pairs_ultrainteract", "kto"):
+        loaded = load_dataset(str(tmp_path / "export"), config, split="train")
+        assert len(loaded) == counts[config], config
+    assert load_dataset(str(tmp_path / "export"), "pairs", split="train").column_names[-3:] == ["prompt", "chosen", "rejected"]
+    data = DatasetCard.load(tmp_path / "export" / "README.md").data.to_dict()
+    assert [c["config_name"] for c in data["configs"]] == ["sft", "pairs", "pairs_ultrainteract", "kto"]
+    assert data["license"] == "apache-2.0" and "text-generation" in data["task_categories"]
 
     from align.dpo.train import main as dpo
     from align.kto_nca.kto import main as kto
@@ -255,7 +266,7 @@ def test_exports_load_in_every_stage(tmp_path):
 
 @pytest.mark.skipif(not (SHARED_REFERENCE / "ultrainteract_pair_sample.jsonl").exists(), reason="needs ../shared")
 def test_import_released_pairs_and_export_them_back(tmp_path):
-    from datasets import load_from_disk
+    from datasets import load_dataset
 
     from align.trees.export import export_trees, import_released
 
@@ -263,7 +274,7 @@ def test_import_released_pairs_and_export_them_back(tmp_path):
     originals = [json.loads(line) for line in sample.read_text().splitlines()]
     assert import_released(str(sample), str(tmp_path / "trees")) == len({r["parent_id"] for r in originals})
     export_trees(tmp_path / "trees", tmp_path / "export")
-    back = load_from_disk(str(tmp_path / "export" / "pairs_ultrainteract")).to_list()
+    back = load_dataset(str(tmp_path / "export"), "pairs_ultrainteract", split="train").to_list()
     key = lambda r: r["id"]  # noqa: E731
     assert [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(back, key=key)] == \
            [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(originals, key=key)]
@@ -379,14 +390,15 @@ def test_tree_against_transformers_serve(tmp_path, capsys):
     server = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), model_dir],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        import httpx
+        import urllib.request
 
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
                 pass
             assert server.poll() is None, "transformers serve exited"
             time.sleep(0.5)
@@ -449,3 +461,20 @@ def test_llm_critic_feedback_turn(tmp_path):
         assert answer not in trees[0]["turns"][1]["history"][-1]["content"].replace("Out: ", "").split("wrong.")[1]
     finally:
         server.shutdown()
+
+
+
+def test_export_push_goes_through_datasets_push_config_by_config(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from align.trees.export import export_trees, push_export
+
+    config, actor, critic, limits = _config(tmp_path, problems="arithmetic:6:5")
+    build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
+    export_trees(tmp_path / "trees", tmp_path / "export")
+    calls = []
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, **kw: calls.append((repo, kw["config_name"], len(self))))
+    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo, **kw: calls.append((repo, "card", kw["repo_type"])))
+    assert push_export(str(tmp_path / "export"), "me/trees").endswith("datasets/me/trees")
+    assert [c[1] for c in calls] == ["sft", "pairs", "pairs_ultrainteract", "kto", "card"] and calls[-1][2] == "dataset"

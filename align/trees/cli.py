@@ -47,9 +47,9 @@ def trees_main(argv: list[str]):
         counts = export_trees(args.trees, args.output, leaves_only=args.leaves_only, command=command)
         print(json.dumps(counts))
         if args.push_to_hub:
-            from align.publish import push_folder
+            from align.trees.export import push_export
 
-            push_folder(args.output, args.push_to_hub, repo_type="dataset")
+            print(f"[align] trees: pushed to {push_export(args.output, args.push_to_hub)}")
         return 0
     if args.action == "stats":
         from align.trees.export import format_stats, load_trees, tree_stats

@@ -7,6 +7,7 @@ the same trees give byte-identical exports whatever order they were built in.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -140,17 +141,29 @@ def _clean(value):
     return value
 
 
+CONFIGS = ("sft", "pairs", "pairs_ultrainteract", "kto")
+PARQUET = "train-00000-of-00001.parquet"
+
+
 def _save(rows: list[dict], folder: Path, columns: list[str]) -> int:
+    """One config of the export: <folder>/train-00000-of-00001.parquet, the Hub's layout for a split."""
+    import shutil
+
     from datasets import Dataset
 
     ds = (Dataset.from_list([{c: _clean(r[c]) for c in columns} for r in rows]) if rows
           else Dataset.from_dict({c: [] for c in columns}))
-    ds.save_to_disk(str(folder))
+    if folder.exists():
+        shutil.rmtree(folder)  # an earlier export's files (also the old save_to_disk layout)
+    folder.mkdir(parents=True)
+    ds.to_parquet(str(folder / PARQUET))
     return len(rows)
 
 
 def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str = "") -> dict:
-    """Write sft/, pairs/, pairs_ultrainteract/, kto/ dataset folders and a dataset card."""
+    """Write the sft, pairs, pairs_ultrainteract and kto configs in the Hub's dataset layout (parquet per
+    config, the card's `configs:` naming them), stats.json and the dataset card: the folder loads with
+    `load_dataset(folder, name=config)` as it will from the Hub, and each config folder is a stage's data."""
     trees = load_trees(trees_path)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -164,13 +177,21 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
 
     for name, rows in (("sft", sft), ("pairs", pairs), ("kto", kto)):
         check_rows(rows, f"{trees_path}: {name} export")
-    counts = {
-        "sft": _save(sft, out / "sft", ids + ["prompt", "completion", "instruction", "response"]),
-        "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),
-        "pairs_ultrainteract": _save([{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
-                                     out / "pairs_ultrainteract", ids + ["trajectory", "chosen", "rejected"]),
-        "kto": _save(kto, out / "kto", ids + ["prompt", "completion", "label"]),
-    }
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        counts = {
+            "sft": _save(sft, out / "sft", ids + ["prompt", "completion", "instruction", "response"]),
+            "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),
+            "pairs_ultrainteract": _save([{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
+                                         out / "pairs_ultrainteract", ids + ["trajectory", "chosen", "rejected"]),
+            "kto": _save(kto, out / "kto", ids + ["prompt", "completion", "label"]),
+        }
+    finally:
+        if bars:
+            enable_progress_bar()
     desirable = sum(r["label"] for r in kto)
     counts["kto_desirable"] = desirable
     counts["kto_undesirable"] = len(kto) - desirable
@@ -187,39 +208,36 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
         if not isinstance(build_info, dict):
             raise AlignError(f"{info_path}: corrupt (not a JSON object); delete it to export without the build settings")
     (out / "stats.json").write_text(json.dumps({"counts": counts, "stats": stats}, indent=2))
-    (out / "README.md").write_text(dataset_card(counts, stats, build_info, command, leaves_only))
+    dataset_card(counts, stats, build_info, command, leaves_only).save(str(out / "README.md"))
     return counts
 
 
-def dataset_card(counts: dict, stats: dict, build_info: dict, command: str, leaves_only: bool) -> str:
+def dataset_card(counts: dict, stats: dict, build_info: dict, command: str, leaves_only: bool):
+    """huggingface_hub's DatasetCard: card data (license, tags, task categories, size and the `configs:`
+    that map each config to its parquet files) and the text."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     settings = build_info.get("settings", {})
     actor, critic = settings.get("actor", {}), settings.get("critic", {})
-    return f"""---
-license: apache-2.0
-tags:
-- preference-trees
-- ultrainteract
-- dpo
-- kto
-- nca
-configs:
-- config_name: sft
-  data_dir: sft
-- config_name: pairs
-  data_dir: pairs
-- config_name: kto
-  data_dir: kto
----
-
+    rows = max(counts[c] for c in CONFIGS)
+    size = "n<1K" if rows < 1000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "100K<n<1M"
+    data = DatasetCardData(
+        license="apache-2.0", language=["en"], tags=["preference-trees", "ultrainteract", "dpo", "kto", "nca", "moe-align"],
+        task_categories=["text-generation"], size_categories=[size], pretty_name="Preference trees (UltraInteract-style)",
+        configs=[{"config_name": c, "data_files": [{"split": "train", "path": f"{c}/*.parquet"}], **({"default": True} if c == "pairs" else {})}
+                 for c in CONFIGS])
+    text = f"""
 # Preference trees (UltraInteract-style)
 
 Built by moe-align from multi-turn critique rollouts: at each turn one correct and one incorrect
 sibling action form a pair; the incorrect one is extended with the environment's observation and a
 critique, up to {settings.get('max_turns', '?')} turns.
 
-## Subsets
+Load a config as `load_dataset("ORG/NAME", "pairs", split="train")` (or `"sft"`, `"pairs_ultrainteract"`, `"kto"`).
 
-| folder | rows | columns |
+## Configs
+
+| config | rows | columns |
 |---|---|---|
 | `sft` | {counts['sft']} | id, parent_id, task, dataset, prompt, completion, instruction, response ({'correct leaves without history' if leaves_only else 'correct actions, their history as the prompt'}) |
 | `pairs` | {counts['pairs']} | id, parent_id, task, dataset, prompt, chosen, rejected (TRL conversational) |
@@ -236,11 +254,34 @@ critique, up to {settings.get('max_turns', '?')} turns.
 
 - problems: `{settings.get('problems', '?')}`; samples per turn: {settings.get('samples_per_turn', '?')}; seed: {settings.get('seed', '?')}
 - actor: {actor.get('backend', '?')} `{actor.get('model', '?')}`{f" + adapter `{actor['adapter']}`" if actor.get('adapter') else ''}, temperature {actor.get('temperature', '?')}, top_p {actor.get('top_p', '?')}, max_new_tokens {actor.get('max_new_tokens', '?')}
-- critic: {critic.get('type', '?')}{f" ({critic.get('backend')} `{critic.get('model')}`)" if critic.get('type') == 'llm' else ' (feeds back the observation only)'}
-- verifiers: math by final-answer comparison (exact numbers, then Math-Verify); logic by normalised exact match; code by unit tests in a sandbox (timeout {settings.get('sandbox', {}).get('timeout_s', '?')} s, {settings.get('sandbox', {}).get('memory_mb', '?')} MB, no network)
+- critic: {critic.get('type', '?')}{f" ({critic.get('backend')} `{critic.get('model')}`)" if critic.get('type') == 'llm' else ' (the first wrong step, never the answer)' if critic.get('type') == 'steps' else ' (feeds back the observation only)'}
+- verifiers: math by final-answer comparison (exact numbers, then Math-Verify); logic by normalised exact match; code by unit tests run apart from the candidate in a sandbox (timeout {settings.get('sandbox', {}).get('timeout_s', '?')} s, {settings.get('sandbox', {}).get('memory_mb', '?')} MB, no network); problems verified in one process: {stats.get('in_process_problems', 0)}
 - build command: `{build_info.get('command', '?')}`
 - export command: `{command}`
 """
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def push_export(folder: str, repo_id: str, private: bool = True) -> str:
+    """An export to the Hub through `datasets`' own push, config by config (parquet, and the configs of the
+    card), then the card itself; secrets are checked first."""
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from align.leaks import check_folder
+    from align.publish import hub_call
+
+    if "/" not in repo_id:
+        raise AlignError(f"--push-to-hub: {repo_id!r} should look like ORG/NAME")
+    check_folder(folder)
+    token = os.environ.get("HF_TOKEN")
+    for config in CONFIGS:
+        ds = load_dataset(str(folder), config, split="train")
+        hub_call(f"push of config {config} to {repo_id}", ds.push_to_hub, repo_id, config_name=config, private=private,
+                 token=token)
+    card = DatasetCard.load(str(Path(folder) / "README.md"))
+    hub_call(f"push of the card to {repo_id}", card.push_to_hub, repo_id, repo_type="dataset", token=token)
+    return f"https://huggingface.co/datasets/{repo_id}"
 
 
 def _released_row_problem(row: dict) -> str | None:

@@ -236,10 +236,12 @@ def test_exports_load_in_every_stage(tmp_path):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard
 
+    cache = str(tmp_path / "cache")  # datasets 5.2 caches a local folder's configs by the folder's name alone
     for config in ("sft", "pairs", "pairs_ultrainteract", "kto"):
-        loaded = load_dataset(str(tmp_path / "export"), config, split="train")
+        loaded = load_dataset(str(tmp_path / "export"), config, split="train", cache_dir=cache)
         assert len(loaded) == counts[config], config
-    assert load_dataset(str(tmp_path / "export"), "pairs", split="train").column_names[-3:] == ["prompt", "chosen", "rejected"]
+    assert load_dataset(str(tmp_path / "export"), "pairs", split="train", cache_dir=cache).column_names[-3:] == \
+        ["prompt", "chosen", "rejected"]
     data = DatasetCard.load(tmp_path / "export" / "README.md").data.to_dict()
     assert [c["config_name"] for c in data["configs"]] == ["sft", "pairs", "pairs_ultrainteract", "kto"]
     assert data["license"] == "apache-2.0" and "text-generation" in data["task_categories"]
@@ -274,7 +276,8 @@ def test_import_released_pairs_and_export_them_back(tmp_path):
     originals = [json.loads(line) for line in sample.read_text().splitlines()]
     assert import_released(str(sample), str(tmp_path / "trees")) == len({r["parent_id"] for r in originals})
     export_trees(tmp_path / "trees", tmp_path / "export")
-    back = load_dataset(str(tmp_path / "export"), "pairs_ultrainteract", split="train").to_list()
+    back = load_dataset(str(tmp_path / "export"), "pairs_ultrainteract", split="train",
+                        cache_dir=str(tmp_path / "cache")).to_list()  # (datasets 5.2 caches configs by folder name)
     key = lambda r: r["id"]  # noqa: E731
     assert [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(back, key=key)] == \
            [(r["id"], r["trajectory"], r["chosen"], r["rejected"]) for r in sorted(originals, key=key)]

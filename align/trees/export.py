@@ -265,7 +265,8 @@ Load a config as `load_dataset("ORG/NAME", "pairs", split="train")` (or `"sft"`,
 def push_export(folder: str, repo_id: str, private: bool = True) -> str:
     """An export to the Hub through `datasets`' own push, config by config (parquet, and the configs of the
     card), then the card itself; secrets are checked first."""
-    from datasets import load_dataset
+    import pyarrow.parquet as pq
+    from datasets import Dataset
     from huggingface_hub import DatasetCard
 
     from align.leaks import check_folder
@@ -276,7 +277,9 @@ def push_export(folder: str, repo_id: str, private: bool = True) -> str:
     check_folder(folder)
     token = os.environ.get("HF_TOKEN")
     for config in CONFIGS:
-        ds = load_dataset(str(folder), config, split="train")
+        # read as it is, not through load_dataset(folder, config): datasets 5.2 caches a local folder's configs
+        # by the folder's name, so a second export also called "export" would push the first one's rows
+        ds = Dataset(pq.read_table(str(Path(folder) / config / PARQUET)))
         hub_call(f"push of config {config} to {repo_id}", ds.push_to_hub, repo_id, config_name=config, private=private,
                  token=token)
     card = DatasetCard.load(str(Path(folder) / "README.md"))

@@ -35,12 +35,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (not the stream of the first call, which a caller
+    that redirects stderr, such as a test's capture, may since have closed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging() -> None:
     """Our records as `[align] message` on stderr; other libraries' records are left to their own
     handlers (transformers, datasets) or Python's default (warnings and errors, unprefixed)."""
     logger = logging.getLogger("align")
     if not any(getattr(h, "_align_handler", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[align] %(message)s"))
         handler._align_handler = True
         logger.addHandler(handler)

@@ -343,6 +343,10 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
 
     take("use_peft", "use_lora")
     take("torch_dtype", "dtype")
+    if "warmup_ratio" in out:
+        ratio = out["warmup_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise AlignError(f"{source}: key 'warmup_ratio' must be a fraction from 0 up to (not including) 1, got {ratio!r}")
     take("warmup_ratio", "warmup_steps")  # transformers 5: warmup_steps below 1 is a ratio
     take("max_seq_length", "max_length")  # older TRL
     take("evaluation_strategy", "eval_strategy")  # older transformers
@@ -445,7 +449,7 @@ TRAINER_RANGES = {
     "gradient_accumulation_steps": (1, None), "max_length": (1, None), "max_prompt_length": (1, None),
     "max_completion_length": (1, None), "seed": (0, 2**32 - 1), "data_seed": (0, 2**32 - 1),
     "learning_rate": (0.0, None), "num_train_epochs": (0.0, None), "max_steps": (-1, None),
-    "warmup_steps": (0.0, None), "warmup_ratio": (0.0, 1.0), "weight_decay": (0.0, None),
+    "warmup_steps": (0.0, None), "weight_decay": (0.0, None),
     "max_grad_norm": (0.0, None), "logging_steps": (0.0, None), "save_steps": (0.0, None),
     "save_total_limit": (0, None), "beta": (0.0, None), "router_aux_loss_coef": (0.0, None),
     "dataloader_num_workers": (0, None), "desirable_weight": (0.0, None), "undesirable_weight": (0.0, None),

@@ -61,6 +61,10 @@ class _ServerBatches:
 
         return self.loop.run_until_complete(burst())
 
+    def close(self):
+        self.loop.run_until_complete(self.backend.aclose())
+        self.loop.close()
+
 
 def make_eval_backend(m: dict, max_new_tokens: int):
     """Greedy decoding of one eval model: local (transformers, optional adapter) or served."""
@@ -95,7 +99,8 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
             raise AlignError(f"{where}: models.{name} needs 'model' (and optionally 'adapter')")
         bad = set(m) - MODEL_KEYS
         if bad:
-            raise AlignError(f"{where}: models.{name}: unknown key(s) {', '.join(sorted(map(str, bad)))} (allowed: model, adapter)")
+            raise AlignError(f"{where}: models.{name}: unknown key(s) {', '.join(sorted(map(str, bad)))} "
+                             f"(allowed: {', '.join(sorted(MODEL_KEYS))})")
         if m.get("adapter") is not None and not isinstance(m["adapter"], str):
             raise AlignError(f"{where}: models.{name}.adapter must be a folder")
         if m.get("backend", "local") not in ("local", "server"):
@@ -189,14 +194,16 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         try:
             responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],
                                         batch_size)
+            scored = score(problems, responses)
+            correct = scored.pop("correct")
+            later = [[] for _ in problems]
+            if turns > 1:
+                scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size,
+                                                         config.critic)
         except BackendError as err:
             raise AlignError(f"{where}: models.{name}: {err}") from None
-        scored = score(problems, responses)
-        correct = scored.pop("correct")
-        later = [[] for _ in problems]
-        if turns > 1:
-            scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size,
-                                                     config.critic)
+        finally:
+            getattr(backend, "close", lambda: None)()
         with open(output / f"answers_{name}.jsonl", "w") as f:
             for p, r, ok, more in zip(problems, responses, correct, later):
                 f.write(json.dumps({"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}) + "\n")

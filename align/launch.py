@@ -63,7 +63,7 @@ def relaunch_under_accelerate(stage: str, argv: list[str]) -> int:
     value, rest = split_accelerate_config(argv)
     config_file = resolve_accelerate_config(value)
     check_accelerate_config(config_file)
-    prepare_stage(stage, rest)  # the recipe and its data, checked here: a bad key costs seconds, not a launch
+    prepare_stage(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
     cmd = accelerate_command(stage, str(config_file), rest)
     print(f"[align] {stage}: launching accelerate launch {shlex.join(cmd[3:])}", flush=True)
     return subprocess.call(cmd)

@@ -46,20 +46,40 @@ def check_rows(rows, where: str, secrets: dict[str, str] | None = None) -> None:
                              "(remove the secret from the data, or unset the variable if it is not one)")
 
 
-def check_folder(folder: str | os.PathLike, secrets: dict[str, str] | None = None) -> None:
-    """Every file of a folder about to be pushed: text and Arrow files as bytes, parquet decoded."""
+def check_folder(folder: str | os.PathLike, secrets: dict[str, str] | None = None, ignore=()) -> None:
+    """Every file of a folder about to be pushed (but those matching `ignore`): parquet decoded, everything
+    else read in chunks (a secret spanning two chunks is found too)."""
+    import fnmatch
+
     secrets = secret_values() if secrets is None else secrets
     if not secrets:
         return
     needles = {name: value.encode() for name, value in secrets.items()}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+    overlap = max(len(n) for n in needles.values())
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if any(fnmatch.fnmatch(relative, pattern) for pattern in ignore):
+            continue
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            data = str(pq.read_table(path).to_pylist()).encode("utf-8", "replace")
+            chunks = [str(pq.read_table(path).to_pylist()).encode("utf-8", "replace")]
         else:
-            data = path.read_bytes()
-        for name, needle in needles.items():
-            if needle in data:
-                raise AlignError(f"{path}: contains the value of ${name}; refusing to push it "
-                                 "(remove the secret from the data, or unset the variable if it is not one)")
+            chunks = _chunks(path, overlap)
+        for chunk in chunks:
+            for name, needle in needles.items():
+                if needle in chunk:
+                    raise AlignError(f"{path}: contains the value of ${name}; refusing to push it "
+                                     "(remove the secret from the data, or unset the variable if it is not one)")
+
+
+def _chunks(path: Path, overlap: int, size: int = 1 << 24):
+    with open(path, "rb") as f:
+        tail = b""
+        while True:
+            block = f.read(size)
+            if not block:
+                return
+            yield tail + block
+            tail = block[-overlap:]

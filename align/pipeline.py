@@ -185,6 +185,12 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _stage_record(folder: Path) -> dict | None:
     path = folder / "stage.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -231,15 +237,18 @@ class Runner:
                 and not Path(path).expanduser().exists():
             raise AlignError(f"{where}: {what} {path} not found")
 
-    def check(self, enable: set[str] = frozenset()) -> list[str]:
-        """Every stage resolved (recipe + set + ${stage}) and validated as it will run: keys, types, ranges,
-        files, stage names, trackers, accelerate config. No model is loaded; returns a line per stage."""
+    def check(self, enable: set[str] = frozenset(), only: set[str] | None = None) -> list[str]:
+        """Every stage (or those in `only`) resolved (recipe + set + ${stage}) and validated as it will run:
+        keys, types, ranges, files, stage names, trackers, accelerate config. No model is loaded; returns a
+        line per stage."""
         names = [s["name"] for s in self.spec["stages"]]
         for name in enable:
             if name not in names:
                 raise AlignError(f"--enable: no stage named {name!r} (stages: {', '.join(names)})")
         lines = []
         for i, stage in enumerate(self.spec["stages"]):
+            if only is not None and stage["name"] not in only:
+                continue
             kind, where = stage["kind"], f"{self.path}: stages[{i}] ({stage['name']})"
             resolved = self.resolve(stage)
             if kind == "trees":
@@ -258,7 +267,13 @@ class Runner:
                         raise AlignError(f"{where}: models.{model_name}: environment variable {m['api_key_env']} "
                                          "(api_key_env) is not set")
             enabled = stage.get("enabled", True) or stage["name"] in enable
-            lines.append(f"{stage['name']} ({kind}): ok" + ("" if enabled else " (disabled; --enable to run)"))
+            note = "" if enabled else " (disabled; --enable to run)"
+            if kind in TRAINING_STAGES and not _has_gpu():
+                config_file = stage.get("accelerate_config") or self.spec.get("accelerate_config")
+                kind_of = str(load_recipe_file(config_file).get("distributed_type", "NO")) if config_file else "NO"
+                if kind_of in ("FSDP", "DEEPSPEED"):
+                    note += f" (its accelerate config asks for {kind_of}, which needs GPUs: not on this machine)"
+            lines.append(f"{stage['name']} ({kind}): ok{note}")
         return lines
 
     def _check_problems(self, problems: str, where: str) -> None:
@@ -293,13 +308,10 @@ class Runner:
         from align.preflight import check_eval_settings
         from align.stages import training_stage
 
-        import torch
-
         spec = training_stage(kind)
-        # On a machine without an accelerator a GPU recipe is checked as if on the CPU: TRL refuses bf16
-        # there, which says nothing about the recipe.
-        overrides = {} if torch.cuda.is_available() else {"use_cpu": True}
-        model_args, data_args, args = parse_stage_recipe(spec.config_class(), recipe, where, overrides, apply_env=False)
+        # On a machine without an accelerator a GPU recipe is checked as the CPU would run it (TRL refuses
+        # bf16 there unless use_cpu, which says nothing about the recipe): cpu_processes_defaults does that.
+        model_args, data_args, args = parse_stage_recipe(spec.config_class(), recipe, where, {}, apply_env=False)
         check = spec.check_function()
         if check is not None:
             check(model_args, data_args, args)
@@ -466,10 +478,18 @@ def main(argv: list[str]):
     spec = load_pipeline(args.pipeline)
     enable = {s for s in args.enable.split(",") if s}
     runner = Runner(spec, args.pipeline, force=args.force)
+    names = [s["name"] for s in spec["stages"]]
+    for flag, value in (("--only", args.only), ("--from", args.start_from)):
+        if value and value not in names:
+            raise AlignError(f"{flag}: no stage named {value!r} (stages: {', '.join(names)})")
+    to_run = None  # --check: every stage; a run: the stages it will run, before the first one starts
+    if not args.check:
+        chosen = [args.only] if args.only else names[names.index(args.start_from):] if args.start_from else names
+        to_run = {s["name"] for s in spec["stages"] if s["name"] in chosen and (s.get("enabled", True) or s["name"] in enable)}
     with warnings.catch_warnings():  # libraries' deprecation notes about their own defaults: not the recipe's
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        lines = runner.check(enable)  # every stage checked before the first one runs: a typo in the last costs seconds
+        lines = runner.check(enable, to_run)  # a typo in the last stage costs seconds, not the earlier stages' hours
     if args.check:
         print("\n".join(lines + [f"{args.pipeline}: {len(lines)} stages check out"]))
         return 0

@@ -8,18 +8,25 @@ from pathlib import Path
 from align.errors import AlignError
 
 
+# What a stage's output folder holds that is not the model: checkpoints (optimizer and RNG states), logs, a
+# merged copy (publish it on its own, with align publish --merge).
+PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "merged/**", "*.tmp", ".*"]
+
+
 def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bool = True) -> str:
-    """Create `repo_id` (private by default) and upload `folder`; the token comes from HF_TOKEN / the login."""
+    """Create `repo_id` (private by default) and upload `folder` (without PUSH_IGNORE); the token comes from
+    HF_TOKEN / the login."""
     from huggingface_hub import HfApi
 
     if "/" not in repo_id:
         raise AlignError(f"--push-to-hub/--repo-id: {repo_id!r} should look like ORG/NAME")
     from align.leaks import check_folder
 
-    check_folder(folder)
+    check_folder(folder, ignore=PUSH_IGNORE)
     api = HfApi(token=os.environ.get("HF_TOKEN"))
     hub_call(f"push to {repo_id}", api.create_repo, repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    hub_call(f"push to {repo_id}", api.upload_folder, folder_path=folder, repo_id=repo_id, repo_type=repo_type)
+    hub_call(f"push to {repo_id}", api.upload_folder, folder_path=folder, repo_id=repo_id, repo_type=repo_type,
+             ignore_patterns=PUSH_IGNORE)
     return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
 
 
@@ -107,17 +114,6 @@ def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merge
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def check_card_for_push(card, where: str) -> None:
-    """A card about to be pushed names Hub repos only in its metadata."""
-    data = card.data.to_dict()
-    for key in ("base_model", "datasets"):
-        values = data.get(key) or []
-        for value in [values] if isinstance(values, str) else values:
-            if is_local(value):
-                raise AlignError(f"{where}: the card's {key} is the local folder {value}; push it first and give its "
-                                 f"repo id ({'--base-repo-id' if key == 'base_model' else '--dataset-repo-id'})")
-
-
 def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool = False,
                          eval_results: str | None = None, base_repo: str | None = None,
                          dataset_repos: list[str] | None = None) -> Path:
@@ -191,10 +187,9 @@ def main(argv: list[str]):
         from huggingface_hub import ModelCard
 
         card = ModelCard.load(str(folder / "README.md"))
-        check_card_for_push(card, str(folder / "README.md"))
         config = __import__("yaml").safe_load((Path(args.stage_output) / "align_config.yaml").read_text())
         base = (config.get("model") or {}).get("model_name_or_path")
-        if not card.data.base_model and (is_local(base) or str(base).startswith("tiny-mixtral")):
+        if not card.data.base_model:  # the card names Hub repos only: a local base needs its repo named
             raise AlignError(f"--base-repo-id: the base model {base} is a local folder; push it (for instance with "
                              "align publish --merge) and name its repo with --base-repo-id")
         url = push_folder(str(folder), args.repo_id, private=not args.public)

@@ -42,8 +42,10 @@ def _has_checkpoint(output_dir: str) -> bool:
     return any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
 
 
-def prepare_stage(stage: str, argv: list[str]):
-    """Parse and validate the recipe, then load the data: everything that can fail before a model loads."""
+def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
+    """Parse and validate the recipe, then load the data: everything that can fail before a model loads
+    (`preflight`: and the trainer on a stand-in model, which the launcher of several processes leaves to
+    them: it would hold a GPU for the whole run)."""
     from align.extras import check_training_extras
     from align.preflight import check_eval_settings, preflight_trainer, quiet_libraries
     from align.stages import training_stage
@@ -72,6 +74,8 @@ def prepare_stage(stage: str, argv: list[str]):
         if resume is True and not _has_checkpoint(args.output_dir):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
         dataset = load_training_data(data_args, stage)
+        if not preflight:
+            return model_args, data_args, args, dataset, resume
         with quiet_libraries():
             model_path = resolve_model_path(model_args.model_name_or_path)
             tokenizer = _stage_tokenizer(model_args, args, model_path)

@@ -50,6 +50,7 @@ def test_two_processes_equal_one_with_the_same_micro_batches(stage, tmp_path, sf
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
     history = {run: [h for h in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
                for run in ("two", "one")}
+    assert len(history["two"]) == len(history["one"]) == 3
     for x, y in zip(history["two"], history["one"]):  # router statistics summed over both processes
         assert {k: v for k, v in x.items() if k.startswith("router/")} == {k: v for k, v in y.items() if k.startswith("router/")}
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)

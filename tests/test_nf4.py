@@ -287,6 +287,9 @@ def test_experts_are_quantised_as_the_shards_load(tmp_path):
     path = resolve_model_path("tiny-mixtral")
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     save_hub_layout(full.state_dict(), full.config, tmp_path / "hub", shards=3)
+    # the layout is the Hub's as transformers reads it: its own loader rebuilds the same 16-bit model from it
+    hub = AutoModelForCausalLM.from_pretrained(tmp_path / "hub", dtype=torch.float32)
+    torch.testing.assert_close(logits_of(hub), logits_of(full), rtol=0, atol=0)
     quantize_experts_nf4(full)
     expected = logits_of(full)
     built = []

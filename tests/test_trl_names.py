@@ -74,7 +74,13 @@ def test_a_handbook_recipe_runs_with_only_the_model_changed(tmp_path):
     _chat_dataset(tmp_path / "ultrachat")
     recipe = tmp_path / "config_qlora.yaml"
     recipe.write_text(HANDBOOK_SFT.replace("DATASET", str(tmp_path / "ultrachat")).replace("OUTPUT", str(tmp_path / "out")))
-    assert main(["sft", "--config", str(recipe)]) == 0
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    try:
+        assert main(["sft", "--config", str(recipe)]) == 0
+    finally:  # the recipe's log_level: info sets transformers' verbosity for the whole process
+        transformers.logging.set_verbosity(verbosity)
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert weights and all(".self_attn." in k for k in weights)  # LoRA where lora_target_modules said, as in TRL
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

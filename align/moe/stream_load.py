@@ -175,6 +175,8 @@ def _load(folder: Path, dtype, compute_device, config_overrides):
                 per_expert = _PER_EXPERT.match(name)
                 if per_expert:
                     prefix, expert, w = per_expert["prefix"], int(per_expert["expert"]), per_expert["w"]
+                    if f"{prefix}.down_proj" not in stacks or expert >= stacks[f"{prefix}.down_proj"].shape[0]:
+                        raise ValueError(f"{folder}: {key} is an expert the config does not have")
                     if w == "w2":
                         stacks[f"{prefix}.down_proj"].put(expert, f.get(key), compute_device)
                         continue

@@ -315,8 +315,7 @@ def run_tests(prompt, tests, entry_point):
         send(request_fd, ["done"])
     except OSError:
         pass
-    os.write(verdict_fd, json.dumps(verdict).encode("utf-8", "surrogatepass"))
-    os._exit(0)
+    _write_verdict(verdict_fd, verdict)
 
 
 def _cannot_split(verdict, reason, calls):
@@ -327,6 +326,19 @@ def _cannot_split(verdict, reason, calls):
         verdict.update(split=False, reason=reason)
     else:
         verdict["observation"] = "The tests could not go on with what the program returned (%s)." % reason
+
+
+MAX_OBSERVATION = 16 * 1024
+
+
+def _write_verdict(fd, verdict):
+    """Whole, and small enough for the pipe (whose reader waits for our exit): the observation is cut."""
+    if len(str(verdict.get("observation", ""))) > MAX_OBSERVATION:
+        verdict["observation"] = str(verdict["observation"])[:MAX_OBSERVATION] + "\n... (cut)"
+    data = json.dumps(verdict).encode("utf-8", "surrogatepass")
+    while data:
+        data = data[os.write(fd, data):]
+    os._exit(0)
 
 
 class CandidateFailure(Exception):
@@ -356,5 +368,4 @@ def run_in_process(code, prompt, tests, entry_point):
         verdict["observation"] = "The program exited before the tests finished."
     except BaseException as err:
         verdict["observation"] = format_exception(err, {SOLUTION_FILE, TESTS_FILE})
-    os.write(verdict_fd, json.dumps(verdict).encode("utf-8", "surrogatepass"))
-    os._exit(0)
+    _write_verdict(verdict_fd, verdict)

@@ -139,12 +139,22 @@ def child(req, fds):
         for cgroup in req.get("cgroups") or []:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
-        # Its own IPC namespace: SysV shared memory made by the run dies with it, and no run reaches another's.
-        flags = (CLONE_NEWNET if req["netns"] else 0) | (CLONE_NEWNS if req.get("tmpfs_mb") else 0) | CLONE_NEWIPC
+        # Its own IPC namespace (where the machine allows it): SysV shared memory made by the run dies with
+        # it, and no run reaches another's. As a normal user all namespaces come inside a user namespace,
+        # which then maps our uid onto itself (without a map no file could be created on its tmpfs).
+        own_uid, own_gid = os.getuid(), os.getgid()
+        processes_of_ours = count_uid_processes(own_uid) if req["uid"] is None else 0
+        flags = ((CLONE_NEWNET if req["netns"] else 0) | (CLONE_NEWNS if req.get("tmpfs_mb") else 0)
+                 | (CLONE_NEWIPC if req.get("ipcns") else 0))
         if flags and not req["root"]:
             flags |= CLONE_NEWUSER
         if flags and _libc.unshare(flags) != 0:
             os._exit(NETNS_FAILED)
+        if flags & CLONE_NEWUSER:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{own_uid} {own_uid} 1"),
+                               ("gid_map", f"{own_gid} {own_gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
         uid = req["uid"]
         if req.get("tmpfs_mb") and not _private_tmpfs(req["workdir"], req["tmpfs_mb"], uid):
             os._exit(SETUP_FAILED)
@@ -162,7 +172,7 @@ def child(req, fds):
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
         else:
-            cap = count_uid_processes(os.getuid()) + limits["max_processes"]
+            cap = processes_of_ours + limits["max_processes"]  # counted before the user namespace
             resource.setrlimit(resource.RLIMIT_NPROC, (cap, cap))
         if req["landlock_abi"] and not landlock([req["workdir"], "/dev/null"], req.get("read_paths"),
                                                 req["landlock_abi"]):

@@ -295,6 +295,8 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
             return await tree_builder.build(problem)
         except BackendError as err:
             return err
+        except (RuntimeError, OSError) as err:  # the sandbox itself failed (its zygote died, no cgroup): the
+            return BackendError(f"verification failed: {type(err).__name__}: {err}")  # problem waits for a rerun
 
     with ThreadPoolExecutor(config.verifier_workers) as executor:
         builder = TreeBuilder(actor, critic, config, limits, executor)

@@ -319,6 +319,13 @@ def import_released(path: str, output_dir: str) -> int:
         by_parent[row["parent_id"]].append(row)
     task_back = {v: k for k, v in RELEASED_TASK.items()} | {"Math_PoT": "math"}
     store = TreeStore(output_dir)
+    try:
+        return _import_trees(store, by_parent, task_back)
+    finally:
+        store.close()
+
+
+def _import_trees(store, by_parent: dict, task_back: dict) -> int:
     written = 0
     for parent, group in sorted(by_parent.items()):
         group.sort(key=lambda r: int(str(r["id"]).rsplit("_", 1)[-1]))
@@ -340,5 +347,4 @@ def import_released(path: str, output_dir: str) -> int:
         store.append({"tree_id": parent, "problem": problem, "instruction": first["trajectory"][0]["value"],
                       "turns": turns, "solved": True})
         written += 1
-    store.close()
     return written

@@ -44,6 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 UID_RANGE = (200_000, 260_000)  # far from any real account
@@ -141,11 +142,22 @@ def _in_child(fn) -> bool:
 def _probe_tmpfs(root: bool) -> bool:
     folder = tempfile.mkdtemp(prefix="align-probe-")
 
-    def mount():
+    def mount():  # as the run will: mounted, then a file written in it
+        uid, gid = os.getuid(), os.getgid()
         flags = CLONE_NEWNS | (0 if root else CLONE_NEWUSER)
-        if _libc.unshare(flags) != 0 or _libc.mount(b"none", b"/", None, (1 << 14) | (1 << 18), None) != 0:
+        if _libc.unshare(flags) != 0:
             return False
-        return _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", 6, b"size=1m,mode=0700") == 0
+        if not root:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        if _libc.mount(b"none", b"/", None, (1 << 14) | (1 << 18), None) != 0:
+            return False
+        if _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", 6, b"size=1m,mode=0700") != 0:
+            return False
+        with open(os.path.join(folder, "probe"), "w") as f:
+            f.write("ok")
+        return True
 
     try:
         return _in_child(mount)
@@ -253,9 +265,6 @@ def _write(folder: str, name: str, value, missing_ok: bool = False) -> None:
     try:
         with open(os.path.join(folder, name), "w") as f:
             f.write(str(value))
-    except FileNotFoundError:
-        if not missing_ok:
-            raise
     except OSError:
         if not missing_ok:
             raise
@@ -279,9 +288,11 @@ def capabilities() -> dict:
         if not _CAPS:
             root = os.geteuid() == 0
             netns_flags = CLONE_NEWNET if root else (CLONE_NEWUSER | CLONE_NEWNET)
+            ipc_flags = CLONE_NEWIPC if root else (CLONE_NEWUSER | CLONE_NEWIPC)
             _CGROUPS = _Cgroups()
             _CAPS.update({"root": root, "landlock_abi": landlock_abi(),
                           "netns": _in_child(lambda: _libc.unshare(netns_flags) == 0),
+                          "ipcns": _in_child(lambda: _libc.unshare(ipc_flags) == 0),
                           "tmpfs": _probe_tmpfs(root), "cgroups": _CGROUPS.kind})
     return _CAPS
 
@@ -466,6 +477,13 @@ def _get_zygote(python: str, own_netns: bool) -> _Zygote:
     global _zygote
     with _zygote_lock:
         if _zygote is None or not _zygote.alive():
+            if _zygote is not None:  # reap the dead one and close its pipes
+                for stream in (_zygote.proc.stdin, _zygote.proc.stdout):
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+                _zygote.proc.wait()
             _zygote = _Zygote(python, own_netns)
         return _zygote
 
@@ -526,7 +544,7 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                 f.write(spec.stdin)
             requests.append({"workdir": workdir, "program": program, "filename": spec.filename, **paths,
                              "limits": asdict(limits), "uid": uid, "netns": netns and not shared_netns, "root": root,
-                             "landlock_abi": landlock, "cgroups": groups,
+                             "landlock_abi": landlock, "cgroups": groups, "ipcns": caps["ipcns"],
                              "tmpfs_mb": limits.max_disk_mb if tmpfs else None, "pipe_fds": spec.pipe_fds,
                              "verdict_fd": spec.verdict_fd, "read_paths": spec.read_paths if landlock else None})
         zygote = _get_zygote(_python_for_runs(root), shared_netns)
@@ -536,18 +554,19 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
         duration = time.monotonic() - start
         # Whatever happened, nothing any child started survives the run.
         pids = zygote.pids(rid)
+        # (without cgroups or a uid of its own, the descendants are found before the children die: after, they
+        # belong to the zygote, the subreaper, and can no longer be told from other runs')
+        strays = [c for pid in pids for c in _descendants(pid)] if not root and not cgroups else []
         for pid in pids:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        if not root and not cgroups:
-            for pid in pids:
-                for child in _descendants(pid):
-                    try:
-                        os.kill(child, signal.SIGKILL)
-                    except OSError:
-                        pass
+        for child in strays:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
         zygote.wait(rid, range(len(children)), None)
         if run_groups:
             cgroups.kill(run_groups)  # no process can leave its cgroup: when it is empty, the run is gone
@@ -648,7 +667,11 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
         return TestOutcome(False, "The tests could not run (the test side ended without a verdict).", "process",
                            tests_result.status, candidate_result)
     passed = verdict.get("passed") is True
-    return TestOutcome(passed, _outcome_observation(verdict, candidate_result), "process", tests_result.status,
+    # Apart, but not out of reach, without root (another uid) or Landlock (reads and writes confined): the
+    # candidate could then read the tests' program, or write another run's, as the same user.
+    caps = capabilities()
+    isolation = "process" if caps["root"] or caps["landlock_abi"] else "process-unconfined"
+    return TestOutcome(passed, _outcome_observation(verdict, candidate_result), isolation, tests_result.status,
                        candidate_result, int(verdict.get("calls") or 0))
 
 

@@ -75,9 +75,14 @@ class TreeStore:
                 os.close(self._lock_fd)
                 raise StoreLocked(str(self.dir)) from None
         self.path = self.dir / TREES_FILE
-        self.repaired_bytes = _repair_tail(self.path)
-        self.done: set[str] = {tree["problem"]["id"] for tree in self.trees()}
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.repaired_bytes = _repair_tail(self.path)
+            self.done: set[str] = {tree["problem"]["id"] for tree in self.trees()}
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except BaseException:  # a corrupt store: the lock goes with the error
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
 
     def trees(self) -> Iterator[dict]:
         return iter_trees(self.path)

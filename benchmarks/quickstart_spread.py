@@ -72,12 +72,13 @@ def collect(seed_dir: Path) -> dict:
     }
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], percent: bool = True) -> str:
+    """mean ± sample sd over the seeds; rates as percentages, rewards as numbers."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1%} ± {sd:.1%}" if max(abs(v) for v in values) <= 1 else f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.mean(values):.1%} ± {sd:.1%}" if percent else f"{statistics.mean(values):+.4f} ± {sd:.4f}"
 
 
 def main() -> None:
@@ -105,7 +106,7 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(mean_sd([r["models"][name].get(c) for r in per_seed.values()])
                                                 for c in columns) + " |")
     lines += ["", "| chosen reward at the end | " + " | ".join(("nca", "dpo", "kto")) + " |", "|---|---|---|---|",
-              "| mean ± sd | " + " | ".join(mean_sd([r["chosen_reward"][s] for r in per_seed.values()])
+              "| mean ± sd | " + " | ".join(mean_sd([r["chosen_reward"][s] for r in per_seed.values()], percent=False)
                                           for s in ("nca", "dpo", "kto")) + " |",
               "", f"turn-2+ share of the pairs: {mean_sd([r['turn2_pair_share'] for r in per_seed.values()])}"]
     table = "\n".join(lines)

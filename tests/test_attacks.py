@@ -127,18 +127,39 @@ ATTACKS = {
         needle = "".join(["43", "21) =", "= 55"])
         def add(a, b): raise ValueError("SEEN %s" % (needle in "".join(seen)))
     """,
+    # the calls' file (the literal path's input): arguments only, the expected values never enter the run
+    "read_the_calls": """
+        import os
+        try:
+            data = os.pread(3, 1 << 20, 0).decode("utf-8", "replace")
+        except OSError:
+            data = ""
+        def add(a, b): raise ValueError("SEEN %s" % any(x in data for x in ("5555", hex(5555), "55")))
+    """,
     "unencodable_generator": "def add(a, b):\n    yield a + b\n",
     "deep_nesting": "def add(a, b):\n    x = []\n    for _ in range(10000):\n        x = [x]\n    return x\n",
 }
 
 
+@pytest.fixture(params=["literal", "two-process"])
+def path(request, monkeypatch):
+    """Each attack against both ways of judging: literal asserts judged in the verifier's process, and the
+    tests' own process (forced here by planning nothing)."""
+    if request.param == "two-process":
+        from align.trees import literal_tests
+
+        monkeypatch.setattr(literal_tests, "plan", lambda *args: None)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_attack_does_not_pass(name):
+def test_attack_does_not_pass(name, path):
     start = time.monotonic()
     verdict = _verify(ATTACKS[name])
     assert not verdict.correct, (name, verdict.observation)
     assert verdict.isolation == "process"
-    if name in ("marker_from_code_and_frames", "read_the_tests"):  # what they found is in their exception
+    if name in ("marker_from_code_and_frames", "read_the_tests") or (name == "read_the_calls" and path == "literal"):
+        # what they found is in their exception
         assert "FOUND []" in verdict.observation or "SEEN False" in verdict.observation, verdict.observation
     assert time.monotonic() - start < LIMITS.timeout_s + 2
     assert not _leftovers(), f"{name} left processes behind"

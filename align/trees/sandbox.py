@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,8 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+
+from align.trees import literal_tests
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -510,11 +513,15 @@ class _ChildSpec:
     pipe_fds: dict = field(default_factory=dict)
     verdict_fd: int | None = None
     read_paths: list[str] | None = None
+    inputs: dict = field(default_factory=dict)  # {fd: bytes}: a file of ours the child may only read
+    stream_fd: int | None = None  # the write end of a FIFO whose reader is `_run`'s `judge`
 
 
-def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, primary: int = 0):
+def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, primary: int = 0, judge=None):
     """Fork `children` (connected by `pipes` pipes) under the limits; wait for child `primary` up to the
-    timeout; then kill every process of the run and return ([SandboxResult per child], [verdict text])."""
+    timeout; then kill every process of the run and return ([SandboxResult per child], [verdict text]).
+    With `judge` (bytes -> decided), what the primary writes to its `stream_fd` goes to `judge` as it comes,
+    and the run ends as soon as the judge has decided."""
     caps = capabilities()
     root, netns, landlock, tmpfs = caps["root"], caps["netns"], caps["landlock_abi"], caps["tmpfs"]
     cgroups = _CGROUPS if caps["cgroups"] != "none" else None
@@ -525,32 +532,50 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
     # One cgroup for the whole run (both sides of a verification, and everything they fork): memory_mb and
     # max_processes bound the run, not each process.
     run_groups = cgroups.create(limits.memory_mb << 20, limits.max_processes + len(children)) if cgroups else []
+    out_dir, emptied, limits_dict, stream = None, False, asdict(limits), None
     try:
-        for spec in children:
+        # One folder of ours (root's or ours, 0700: out of every child's reach) for the run's programs and
+        # captured output; a workdir per child, owned by its uid.
+        out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")
+        for index, spec in enumerate(children):
             workdir = tempfile.mkdtemp(prefix="align-sandbox-")
             os.chmod(workdir, 0o700)
             uid = _claim_uid() if root else None
             if uid is not None:
                 os.chown(workdir, uid, uid)
-            out_dir = tempfile.mkdtemp(prefix="align-sandbox-out-")  # ours, 0700: out of the child's reach
-            os.chmod(out_dir, 0o700)
             groups = run_groups
-            prepared.append((workdir, out_dir, uid, groups))
-            program = os.path.join(out_dir, "main.py")  # read before privileges drop
+            paths = {name: os.path.join(out_dir, f"{index}.{name}") for name in ("stdout", "stderr")}
+            prepared.append((workdir, paths, uid, groups))
+            program = os.path.join(out_dir, f"{index}.py")  # read before privileges drop
             with open(program, "w") as f:
                 f.write(spec.code if netns else _NO_SOCKET_PRELUDE + spec.code)
-            paths = {name: os.path.join(out_dir, name) for name in ("stdin", "stdout", "stderr")}
-            with open(paths["stdin"], "w") as f:
-                f.write(spec.stdin)
-            requests.append({"workdir": workdir, "program": program, "filename": spec.filename, **paths,
-                             "limits": asdict(limits), "uid": uid, "netns": netns and not shared_netns, "root": root,
+            paths["stdin"] = os.devnull
+            if spec.stdin:
+                paths["stdin"] = os.path.join(out_dir, f"{index}.stdin")
+                with open(paths["stdin"], "w") as f:
+                    f.write(spec.stdin)
+            read_fds, write_fds = {}, {}
+            for fd, data in spec.inputs.items():
+                read_fds[str(fd)] = os.path.join(out_dir, f"{index}.in{fd}")
+                with open(read_fds[str(fd)], "wb") as f:
+                    f.write(data)
+            if spec.stream_fd is not None and index == primary and judge is not None:
+                write_fds[str(spec.stream_fd)] = os.path.join(out_dir, f"{index}.stream")
+                os.mkfifo(write_fds[str(spec.stream_fd)], 0o600)
+                stream = os.open(write_fds[str(spec.stream_fd)], os.O_RDONLY | os.O_NONBLOCK)
+            requests.append({"read_fds": read_fds, "write_fds": write_fds,
+                             "workdir": workdir, "program": program, "filename": spec.filename, **paths,
+                             "limits": limits_dict, "uid": uid, "netns": netns and not shared_netns, "root": root,
                              "landlock_abi": landlock, "cgroups": groups, "ipcns": caps["ipcns"],
                              "tmpfs_mb": limits.max_disk_mb if tmpfs else None, "pipe_fds": spec.pipe_fds,
                              "verdict_fd": spec.verdict_fd, "read_paths": spec.read_paths if landlock else None})
         zygote = _get_zygote(_python_for_runs(root), shared_netns)
         start = time.monotonic()
         rid = zygote.start({"pipes": pipes, "children": requests})
-        finished = zygote.wait(rid, [primary], limits.timeout_s)
+        if stream is None:
+            finished = zygote.wait(rid, [primary], limits.timeout_s)
+        else:
+            finished = _follow(zygote, rid, primary, stream, judge, start + limits.timeout_s)
         duration = time.monotonic() - start
         # Whatever happened, nothing any child started survives the run.
         pids = zygote.pids(rid)
@@ -570,12 +595,13 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
         zygote.wait(rid, range(len(children)), None)
         if run_groups:
             cgroups.kill(run_groups)  # no process can leave its cgroup: when it is empty, the run is gone
-        for workdir, out_dir, uid, groups in prepared:
+            emptied = True
+        for workdir, paths, uid, groups in prepared:
             if not groups and uid is not None:
                 _kill_uid(uid)
         statuses = zygote.finish(rid)
         results, verdicts = [], []
-        for index, (workdir, out_dir, uid, groups) in enumerate(prepared):
+        for index, (workdir, paths, uid, groups) in enumerate(prepared):
             wait_status, verdict = statuses[index]
             exit_code = os.waitstatus_to_exitcode(wait_status)
             status = "ok" if (finished or index != primary) else "timeout"
@@ -586,8 +612,8 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                     status = "killed"  # a signal: CPU limit, file-size limit, memory
                 elif exit_code != 0:
                     status = "error"
-            stdout, out_trunc = _read_capped(os.path.join(out_dir, "stdout"), limits.max_output_bytes)
-            stderr, err_trunc = _read_capped(os.path.join(out_dir, "stderr"), limits.max_output_bytes)
+            stdout, out_trunc = _read_capped(paths["stdout"], limits.max_output_bytes)
+            stderr, err_trunc = _read_capped(paths["stderr"], limits.max_output_bytes)
             results.append(SandboxResult(
                 status=status, exit_code=exit_code, duration_s=round(duration, 3), stdout=stdout, stderr=stderr,
                 stdout_truncated=out_trunc, stderr_truncated=err_trunc,
@@ -599,14 +625,66 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
         return results, verdicts
     finally:
         if run_groups:
-            cgroups.kill(run_groups)
+            if not emptied:
+                cgroups.kill(run_groups)
             cgroups.remove(run_groups)
-        for workdir, out_dir, uid, groups in prepared:
-            shutil.rmtree(workdir, ignore_errors=True)
-            shutil.rmtree(out_dir, ignore_errors=True)
+        for workdir, paths, uid, groups in prepared:
+            _remove_tree(workdir)  # (empty where the run had its own tmpfs over it)
             if uid is not None:
                 with _uid_lock:
                     _uids_in_use.discard(uid)
+        if stream is not None:
+            os.close(stream)
+        if out_dir:
+            _remove_tree(out_dir)
+
+
+def _follow(zygote, rid: int, primary: int, fd: int, judge, deadline: float) -> bool:
+    """Feed what child `primary` writes to `fd` to `judge` until it decides, the child ends (True) or the
+    deadline passes (False)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def drain() -> bool:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return False
+            if not data:
+                return False
+            if judge(data):
+                return True
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        # (a FIFO whose writer has not opened it yet polls as empty: the child's exit is checked meanwhile)
+        if poller.poll(min(remaining, 0.05) * 1000):
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if data:
+                if judge(data):
+                    return True
+                continue
+            # The writer closed its end: the child is ending.
+            exited = zygote.wait(rid, [primary], max(deadline - time.monotonic(), 0))
+            return drain() or exited
+        if zygote.wait(rid, [primary], 0):
+            drain()
+            return True
+
+
+def _remove_tree(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_python(code: str, limits: SandboxLimits | None = None, stdin: str | None = None) -> SandboxResult:
@@ -634,11 +712,41 @@ class TestOutcome:
 
 def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = "",
                        limits: SandboxLimits | None = None) -> TestOutcome:
-    """The tests' `check(candidate)` in one sandboxed process, the candidate's code in another; the verdict
-    comes from the tests' side over a pipe. Falls back to one process (labelled) when the tests pass the
-    candidate something that can't cross, or name what only the candidate defines."""
+    """The problem's tests against the candidate's code, judged where the candidate cannot reach.
+
+    Tests made only of literal asserts (align/trees/literal_tests.py) are judged in this process: the
+    candidate runs alone in the sandbox, gets the calls' arguments and streams back its results as built-in
+    values. Any other tests run as the tests' `check(candidate)` in a sandboxed process of their own, the
+    candidate's code in another, the verdict coming from the tests' side over a pipe; that falls back to one
+    process (labelled) when the tests pass the candidate something that can't cross, or name what only the
+    candidate defines."""
     limits = limits or SandboxLimits()
     harness = "from _harness import run_in_process, run_tests, serve\n"  # preloaded in the zygote
+    literal = literal_tests.plan(tests, entry_point, prompt)
+    if literal is None:
+        return _run_tests_split(code, tests, entry_point, prompt, limits, harness)
+    start = time.monotonic()
+    judge = literal_tests.Judge(literal)
+    candidate_side = _ChildSpec(code=f"{harness}serve({code!r}, {entry_point!r})\n", filename="harness.py",
+                                inputs={3: literal_tests.calls_file(literal)}, stream_fd=4,
+                                read_paths=candidate_read_paths())
+    (result,), _ = _run([candidate_side], limits, judge=judge.feed)
+    timed_out = TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", _split_isolation(), "timeout",
+                            result, len(judge.results))
+    if judge.undecided:  # a reply too costly to judge in this process: the tests' own process judges, in what
+        left = limits.timeout_s - (time.monotonic() - start)  # is left of the one timeout
+        if left < LIMIT_BOUNDS["timeout_s"][0]:
+            return timed_out
+        return _run_tests_split(code, tests, entry_point, prompt, replace(limits, timeout_s=left), harness)
+    if judge.verdict is None and result.status == "timeout":
+        return timed_out
+    verdict = judge.finish(gone=True)
+    return TestOutcome(verdict["passed"] is True, _outcome_observation(verdict, result), _split_isolation(), "ok",
+                       result, int(verdict.get("calls") or 0))
+
+
+def _run_tests_split(code: str, tests: str, entry_point: str, prompt: str, limits: SandboxLimits,
+                     harness: str) -> TestOutcome:
     tests_side = _ChildSpec(code=f"{harness}run_tests({prompt!r}, {tests!r}, {entry_point!r})\n",
                             filename="harness.py", pipe_fds={"3": [0, "w"], "4": [1, "r"]}, verdict_fd=5)
     candidate_side = _ChildSpec(code=f"{harness}serve({code!r}, {entry_point!r})\n", filename="harness.py",
@@ -667,12 +775,15 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
         return TestOutcome(False, "The tests could not run (the test side ended without a verdict).", "process",
                            tests_result.status, candidate_result)
     passed = verdict.get("passed") is True
-    # Apart, but not out of reach, without root (another uid) or Landlock (reads and writes confined): the
-    # candidate could then read the tests' program, or write another run's, as the same user.
+    return TestOutcome(passed, _outcome_observation(verdict, candidate_result), _split_isolation(),
+                       tests_result.status, candidate_result, int(verdict.get("calls") or 0))
+
+
+def _split_isolation() -> str:
+    """Apart, but not out of reach, without root (another uid) or Landlock (reads and writes confined): the
+    candidate could then read the tests' program, or write another run's, as the same user."""
     caps = capabilities()
-    isolation = "process" if caps["root"] or caps["landlock_abi"] else "process-unconfined"
-    return TestOutcome(passed, _outcome_observation(verdict, candidate_result), isolation, tests_result.status,
-                       candidate_result, int(verdict.get("calls") or 0))
+    return "process" if caps["root"] or caps["landlock_abi"] else "process-unconfined"
 
 
 def _parse_verdict(text: str) -> dict | None:

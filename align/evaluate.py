@@ -25,7 +25,10 @@ from align.trees.verifiers import verify
 class EvalConfig:
     """`align eval --config`: what to evaluate, on which problems, how."""
 
-    problems: str = field(metadata={"help": "Problems: a dataset path / hub id, or a built-in (addition:..., humaneval)."})
+    problems: list[str] = field(metadata={
+        "help": "Problem sets, one or several: a built-in (addition:..., humaneval), a standard set from the Hub "
+                "(gsm8k, math500, mbpp, humaneval@openai/openai_humaneval; NAME[:SPLIT][@SOURCE]), or a problems "
+                "file / dataset. Several are scored apart too."})
     models: dict = field(metadata={"help": "name: {model: hub id or folder, adapter: optional PEFT folder}."})
     turns: int = field(default=1, metadata={"help": "pass@k-turns up to k (the observation critic in the loop).",
                                             "range": (1, 5)})
@@ -36,6 +39,18 @@ class EvalConfig:
                                                          "(the first wrong step, for the built-in addition)."})
     runs: dict = field(default_factory=dict, metadata={"help": "name: stage output folder, for the plots."})
     trees: str | None = field(default=None, metadata={"help": "A trees folder, for the tree statistics plot."})
+    samples: int = field(default=0, metadata={"help": "pass@k by sampling: this many samples per problem at "
+                                                      "`temperature` (0: greedy pass@1 only).", "range": (0, 4096)})
+    pass_k: list[int] = field(default_factory=lambda: [1], metadata={
+        "help": "The k of the sampled pass@k (unbiased estimator of Chen et al. 2021), each at most `samples`."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the pass@k samples.",
+                                                      "range": (1e-6, 10.0)})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus mass of the pass@k samples.", "range": (1e-6, 1.0)})
+    seed: int = field(default=0, metadata={"help": "Seed of the pass@k samples (each problem draws its own).",
+                                           "range": (0, 2 ** 63 - 1)})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "Trackers that get the results (tensorboard, wandb, trackio, ...: accelerate's), as in TRL."})
+    run_name: str = field(default="eval", metadata={"help": "The run's name in the trackers."})
 
 
 MODEL_KEYS = {"model", "adapter", "backend", "base_urls", "api_key_env", "concurrency", "request_timeout_s", "max_retries"}
@@ -113,6 +128,15 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
                 raise AlignError(f"{where}: models.{name}: a served model takes no adapter (serve a merged checkpoint)")
     if not isinstance(config.runs, dict) or not all(isinstance(v, str) for v in config.runs.values()):
         raise AlignError(f"{where}: key 'runs' must map names to stage output folders")
+    if not config.pass_k or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in config.pass_k):
+        raise AlignError(f"{where}: key 'pass_k' must be a list of whole numbers of at least 1, got {config.pass_k!r}")
+    if config.samples and max(config.pass_k) > config.samples:
+        raise AlignError(f"{where}: key 'pass_k': k={max(config.pass_k)} needs at least that many samples "
+                         f"(samples: {config.samples})")
+    from align.tracking import check_trackers
+
+    config.report_to = check_trackers(config.report_to, where)
     return config
 
 
@@ -120,25 +144,79 @@ def score(problems: list[Problem], responses: list[str], limits: SandboxLimits |
     """pass@1 overall and per task for one model's answers (one answer per problem, same order)."""
     if len(problems) != len(responses):
         raise ValueError("one response per problem")
-    per_task = defaultdict(lambda: [0, 0])
+    per_task, per_set = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     verdicts = [verify(p, r, limits) for p, r in zip(problems, responses)]
     for p, v in zip(problems, verdicts):
-        per_task[p.task][0] += v.correct
-        per_task[p.task][1] += 1
+        for group in (per_task[p.task], per_set[p.source]):
+            group[0] += v.correct
+            group[1] += 1
     correct = sum(v.correct for v in verdicts)
-    return {
+    out = {
         "pass@1": round(correct / len(problems), 4) if problems else 0.0,
         "n": len(problems),
         "per_task": {t: {"pass@1": round(c / n, 4), "n": n} for t, (c, n) in sorted(per_task.items())},
         "correct": [v.correct for v in verdicts],
     }
+    if len(per_set) > 1:  # several sets (gsm8k and math500 are both math): each apart
+        out["per_set"] = {s: {"pass@1": round(c / n, 4), "n": n} for s, (c, n) in sorted(per_set.items())}
+    return out
 
 
-def generate_greedy(backend, chats: list[list[dict]], batch_size: int) -> list[str]:
+def generate_greedy(backend, chats: list[list[dict]], batch_size: int, progress=None) -> list[str]:
     out = []
     for i in range(0, len(chats), batch_size):
         out += [texts[0] for texts in backend.generate_batch([(chat, 1, 0) for chat in chats[i:i + batch_size]])]
+        if progress is not None:
+            progress.advance()
     return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), as a running product (no huge binomials)."""
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, progress=None) -> tuple[dict, list[list[dict]]]:
+    """`samples` answers per problem at `temperature` / `top_p` (each problem its own seed), all verified:
+    pass@k for every k of `pass_k`, overall and per task, and the samples with their verdicts."""
+    from dataclasses import replace
+
+    from align.trees.builder import derive_seed
+
+    target = getattr(backend, "backend", backend)  # (a served model's batches wrap its backend)
+    greedy_spec = target.spec
+    target.spec = replace(greedy_spec, temperature=config.temperature, top_p=config.top_p)
+    try:
+        per_request = max(1, config.batch_size // config.samples)
+        texts: list[list[str]] = []
+        for i in range(0, len(problems), per_request):
+            chunk = problems[i:i + per_request]
+            texts += backend.generate_batch([([{"role": "user", "content": p.instruction}], config.samples,
+                                              derive_seed(config.seed, p.id)) for p in chunk])
+            if progress is not None:
+                progress.advance()
+    finally:
+        target.spec = greedy_spec
+    samples, counts = [], []
+    for p, answers in zip(problems, texts):
+        verdicts = [verify(p, a) for a in answers]
+        counts.append(sum(v.correct for v in verdicts))
+        samples.append([{"response": a, "correct": v.correct} for a, v in zip(answers, verdicts)])
+    out = {"samples": config.samples, "temperature": config.temperature, "top_p": config.top_p}
+    for k in config.pass_k:
+        out[f"pass@{k}"] = round(sum(pass_at_k(config.samples, c, k) for c in counts) / len(problems), 4)
+    per_task = defaultdict(list)
+    for p, c in zip(problems, counts):
+        per_task[p.task].append(c)
+    out["per_task"] = {t: {f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4)
+                           for k in config.pass_k} for t, cs in sorted(per_task.items())}
+    return out, samples
 
 
 def multi_turn(backend, problems: list[Problem], first: list[str], first_correct: list[bool], turns: int,
@@ -168,21 +246,36 @@ def multi_turn(backend, problems: list[Problem], first: list[str], first_correct
 
 
 def markdown_table(results: dict) -> str:
-    tasks = sorted({t for r in results["models"].values() for t in r["per_task"]})
+    sets = sorted({t for r in results["models"].values() for t in r.get("per_set", {})})
+    tasks = sorted({t for r in results["models"].values() for t in r["per_task"]}) if not sets else []
     turns = sorted({int(k) for r in results["models"].values() for k in r.get("pass@turns", {}) if k != "1"})
-    lines = ["| model | pass@1 | " + "".join(f"{t} pass@1 | " for t in tasks) + "".join(f"pass@{k} turns | " for k in turns)
-             + "problems |", "|---|---|" + "---|" * (len(tasks) + len(turns)) + "---|"]
+    sampled = sorted({int(k[5:]) for r in results["models"].values() for k in r.get("sampled", {})
+                      if k.startswith("pass@")})
+    head = (["pass@1"] + [f"{t} pass@1" for t in tasks] + [f"{t} pass@1" for t in sets] + [f"pass@{k} turns" for k in turns]
+            + [f"pass@{k} sampled" for k in sampled] + ["problems"])
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, r in results["models"].items():
-        cells = "".join((f"{r['per_task'][t]['pass@1']:.1%}" if t in r["per_task"] else "") + " | " for t in tasks)
-        cells += "".join((f"{r['pass@turns'][str(k)]:.1%}" if str(k) in r.get("pass@turns", {}) else "") + " | "
-                         for k in turns)
-        lines.append(f"| {name} | {r['pass@1']:.1%} | {cells}{r['n']} |")
+        cells = [f"{r['pass@1']:.1%}"]
+        cells += [f"{r['per_task'][t]['pass@1']:.1%}" if t in r["per_task"] else "" for t in tasks]
+        cells += [f"{r['per_set'][t]['pass@1']:.1%}" if t in r.get("per_set", {}) else "" for t in sets]
+        cells += [f"{r['pass@turns'][str(k)]:.1%}" if str(k) in r.get("pass@turns", {}) else "" for k in turns]
+        cells += [f"{r['sampled'][f'pass@{k}']:.1%}" if f"pass@{k}" in r.get("sampled", {}) else "" for k in sampled]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['n']} |")
+    if sampled:
+        first = next(r["sampled"] for r in results["models"].values() if "sampled" in r)
+        lines.append(f"\nsampled: {first['samples']} per problem, temperature {first['temperature']:g}, "
+                     f"top_p {first['top_p']:g} (unbiased pass@k)")
     return "\n".join(lines)
 
 
 def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
+    from align.progress import Progress
+    from align.tracking import Trackers
+
     config = parse_eval_config(spec, where)
-    problems, _ = load_problems(config.problems, limit=config.limit)
+    problems = [p for name in config.problems for p in load_problems(name, limit=config.limit)[0]]
+    if len({p.id for p in problems}) != len(problems):
+        raise AlignError(f"{where}: key 'problems': two sets share problem ids (name each set once)")
     turns, batch_size = config.turns, config.batch_size
     output.mkdir(parents=True, exist_ok=True)
     results = {"problems": config.problems, "models": {}}
@@ -190,26 +283,42 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         if m.get("adapter") and not Path(m["adapter"]).exists():
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
+        batches = -(-len(problems) // batch_size)
+        sample_batches = -(-len(problems) // max(1, batch_size // config.samples)) if config.samples else 0
+        progress = Progress(f"eval {name}", batches + sample_batches, "batch")
         backend = make_eval_backend(m, config.max_new_tokens)
+        samples = None
         try:
             responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],
-                                        batch_size)
+                                        batch_size, progress)
+            progress.note("verifying")
             scored = score(problems, responses)
             correct = scored.pop("correct")
             later = [[] for _ in problems]
             if turns > 1:
+                progress.note(f"turns 2..{turns}")
                 scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size,
                                                          config.critic)
+            if config.samples:
+                progress.note(f"{config.samples} samples per problem")
+                scored["sampled"], samples = sampled_pass_at_k(backend, problems, config, progress)
         except BackendError as err:
             raise AlignError(f"{where}: models.{name}: {err}") from None
         finally:
+            progress.close()
             getattr(backend, "close", lambda: None)()
         with open(output / f"answers_{name}.jsonl", "w") as f:
-            for p, r, ok, more in zip(problems, responses, correct, later):
-                f.write(json.dumps({"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}) + "\n")
+            for i, (p, r, ok, more) in enumerate(zip(problems, responses, correct, later)):
+                row = {"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}
+                f.write(json.dumps({**row, **({"samples": samples[i]} if samples else {})}) + "\n")
         results["models"][name] = {**scored, "model": m["model"], "adapter": m.get("adapter")}
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "results.md").write_text(markdown_table(results) + "\n")
+    if config.report_to:
+        trackers = Trackers(config.report_to, config.run_name, output / "runs", {"problems": config.problems})
+        trackers.log({name: {k: v for k, v in r.items() if k not in ("model", "adapter")}
+                      for name, r in results["models"].items()})
+        trackers.close()
     from align.plots import make_plots
 
     make_plots(config.runs, config.trees, output / "plots")

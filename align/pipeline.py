@@ -276,13 +276,22 @@ class Runner:
             lines.append(f"{stage['name']} ({kind}): ok{note}")
         return lines
 
-    def _check_problems(self, problems: str, where: str) -> None:
+    def _check_problems(self, problems, where: str) -> None:
+        from align.trees.hub_sets import parse_spec
         from align.trees.problems import BUILTIN_SETS
 
-        if problems.split(":")[0] in BUILTIN_SETS or self.produced(problems) or Path(problems).expanduser().exists():
-            return
-        if problems.startswith((".", "/", "~")) or Path(problems).suffix in (".jsonl", ".parquet", ".json"):
-            raise AlignError(f"{where}: problems {problems} not found")
+        for spec in [problems] if isinstance(problems, str) else problems:
+            hub = parse_spec(spec)
+            if hub is not None:
+                if hub[2] is None:
+                    continue  # the set's own Hub repo
+                spec = hub[2]  # a mirror: a repo id or a local file / folder
+            elif spec.split(":")[0] in BUILTIN_SETS:
+                continue
+            if self.produced(spec) or Path(spec).expanduser().exists():
+                continue
+            if spec.startswith((".", "/", "~")) or Path(spec).suffix in (".jsonl", ".parquet", ".json"):
+                raise AlignError(f"{where}: problems {spec} not found")
 
     def _check_trees(self, recipe: dict, where: str) -> None:
         from align.trees.builder import parse_trees_config
@@ -331,21 +340,45 @@ class Runner:
 
     # ------------------------------------------------------------ execution
     def _run(self, cmd: list[str], log: Path, name: str) -> None:
+        """Run one command of a stage, its whole output into `log`; meanwhile show the stage's progress
+        (align/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S."""
+        from align.progress import PROGRESS_ENV, read_progress
+
+        progress_file = log.parent / "progress.json"
+        progress_file.unlink(missing_ok=True)  # (an earlier command's, or an interrupted attempt's)
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file)}
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             start = time.monotonic()
             stop = threading.Event()
+            live = sys.stdout.isatty()
 
             def heartbeat():
-                while not stop.wait(30):
-                    print(f"[align] run: {name} still running ({time.monotonic() - start:.0f}s; log {log})", flush=True)
+                while not stop.wait(LIVE_S if live else HEARTBEAT_S):
+                    elapsed = time.monotonic() - start
+                    shown = read_progress(progress_file)
+                    if live:
+                        width = shutil.get_terminal_size((100, 20)).columns - 1
+                        text = f"[align] run: {name}: {shown or 'running'} ({elapsed:.0f}s)"
+                        sys.stdout.write("\r\033[K" + text[:width])
+                        sys.stdout.flush()
+                    elif shown:
+                        print(f"[align] run: {name}: {shown} ({elapsed:.0f}s; log {log})", flush=True)
+                    else:
+                        print(f"[align] run: {name} still running ({elapsed:.0f}s; log {log})", flush=True)
 
-            threading.Thread(target=heartbeat, daemon=True).start()
-            code = proc.wait()
-            stop.set()
+            beat = threading.Thread(target=heartbeat, daemon=True)
+            beat.start()
+            try:
+                code = proc.wait()
+            finally:
+                stop.set()
+                beat.join()
+                if live:
+                    sys.stdout.write("\r\033[K")
+                    sys.stdout.flush()
         if code != 0:
             raise StageFailed(name, log, code)
 
@@ -455,6 +488,10 @@ class Runner:
         text = "\n".join(lines)
         print(text, flush=True)
         (self.out / "summary.md").write_text(text + "\n")
+
+
+HEARTBEAT_S = 30.0  # a progress line in a log (not a terminal)
+LIVE_S = 1.0  # the live line on a terminal
 
 
 class StageFailed(Exception):

@@ -58,13 +58,40 @@ def _lora_groups(adapter_config: dict) -> list[str]:
     return groups
 
 
+def _eval_results(problems, r: dict) -> list:
+    """model-index entries of one evaluated model: pass@1 per problem set (a standard set under its Hub
+    repo), pass@k-turns and the sampled pass@k."""
+    from huggingface_hub import EvalResult
+
+    from align.trees.hub_sets import HUB_SETS, parse_spec
+
+    label = problems if isinstance(problems, str) else ", ".join(map(str, problems))
+
+    def dataset(name: str) -> tuple[str, str]:
+        hub = parse_spec(name) if name != "humaneval" else ("humaneval", None, None)
+        if hub is not None:
+            return HUB_SETS[hub[0]].repo, name
+        return name.split(":")[0], name
+
+    def entry(name: str, metric: str, value: float):
+        dataset_type, dataset_name = dataset(name)
+        return EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name,
+                          metric_type=metric, metric_value=value)
+
+    out = [entry(s, "pass@1", v["pass@1"]) for s, v in r["per_set"].items()] if r.get("per_set") else [
+        entry(label, "pass@1", r["pass@1"])]
+    out += [entry(label, f"pass@{k}-turns", v) for k, v in r.get("pass@turns", {}).items() if k != "1"]
+    out += [entry(label, f"{k} (sampled)", v) for k, v in r.get("sampled", {}).items() if k.startswith("pass@")]
+    return out
+
+
 def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merged: bool, repo_id: str,
                eval_results: dict | None, plots: list[str], base_repo: str | None = None,
                dataset_repos: list[str] | None = None):
     """huggingface_hub's ModelCard with its card data: base_model, datasets (Hub repo ids only: a local
     folder is named in the text, never in the metadata), tags, license, library_name, pipeline_tag, and
     model-index results from the eval stage."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     from align.evaluate import markdown_table
 
@@ -77,13 +104,7 @@ def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merge
     results = []
     for name, r in (eval_results or {}).get("models", {}).items():
         if r.get("adapter") and Path(r["adapter"]).resolve() == Path(stage_dir).resolve():
-            problems = str(eval_results.get("problems", "eval"))
-            results.append(EvalResult(task_type="text-generation", dataset_type=problems.split(":")[0],
-                                      dataset_name=problems, metric_type="pass@1", metric_value=r["pass@1"]))
-            for k, v in r.get("pass@turns", {}).items():
-                if k != "1":
-                    results.append(EvalResult(task_type="text-generation", dataset_type=problems.split(":")[0],
-                                              dataset_name=problems, metric_type=f"pass@{k}-turns", metric_value=v))
+            results += _eval_results(eval_results.get("problems", "eval"), r)
     data = ModelCardData(
         base_model=base_repo, datasets=dataset_repos or None, library_name="transformers" if merged or not adapter_config else "peft",
         license=CARD_LICENSE, tags=["moe", "mixtral", "lora", stage, "align", "preference-trees"],

@@ -133,6 +133,7 @@ def run_stage(stage: str, argv: list[str]):
     trainer_cls = training_stage(stage).trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
+    trainer.add_callback(progress_callback(stage))
     fused = apply_moe_lora_backend(trainer.model, model_args.moe_lora_backend)
     if model_args.router_stats:
         trainer.enable_router_stats()
@@ -147,6 +148,36 @@ def run_stage(stage: str, argv: list[str]):
     trainer.train(resume_from_checkpoint=resume)
     save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)
     return trainer
+
+
+def progress_callback(stage: str):
+    """Steps done of max_steps and the last loss, for `align run`'s live line (align/progress.py); the
+    trainer's own bar stays as it is."""
+    from transformers import TrainerCallback
+
+    from align.progress import Progress
+
+    class _Progress(TrainerCallback):
+        shown = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.shown = Progress(stage, state.max_steps or None, "step", bar=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.shown is not None:
+                self.shown.set(state.global_step, total=state.max_steps or None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = next((logs[k] for k in ("loss", "train_loss") if isinstance((logs or {}).get(k), (int, float))), None)
+            if self.shown is not None and loss is not None:
+                self.shown.set(state.global_step, note=f"loss {loss:.4g}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.shown is not None:
+                self.shown.close()
+
+    return _Progress()
 
 
 def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: str) -> None:

@@ -55,6 +55,9 @@ def test_fail_resume_skip_and_rerun_on_changed_input(tmp_path, capsys):
     assert _record(tmp_path, "data")["finished"] == data_finished
     boot = _record(tmp_path, "boot")
     assert boot["status"] == "done" and (tmp_path / "out" / "boot" / "model.safetensors").exists()
+    progress = json.loads((tmp_path / "out" / "boot" / "progress.json").read_text())  # what the live line showed
+    assert (progress["what"], progress["done"], progress["total"], progress["unit"]) == ("sft", 2, 2, "step")
+    assert progress["note"].startswith("loss ")
     resolved = yaml.safe_load((tmp_path / "out" / "boot" / "recipe.yaml").read_text())
     assert resolved["datasets"] == [str(tmp_path / "out" / "data" / "train.jsonl")]
     summary = (tmp_path / "out" / "summary.md").read_text()

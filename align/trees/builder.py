@@ -13,7 +13,6 @@ import hashlib
 import json
 import random
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,10 @@ class TreesConfig:
     limit: int | None = field(default=None, metadata={"help": "Use only the first N problems.", "range": (1, None)})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip invalid problem rows (listed in a report)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "Trackers that get the build's metrics every 100 trees and at the end (tensorboard, wandb, "
+                "trackio, ...: accelerate's), as in TRL."})
+    run_name: str = field(default="trees", metadata={"help": "The run's name in the trackers."})
     actor: dict = field(default_factory=dict, metadata={"help": "ModelSpec of the actor."})
     critic: dict = field(default_factory=dict, metadata={"help": "CriticSpec: type observation | llm, plus a ModelSpec."})
     sandbox: dict = field(default_factory=dict, metadata={"help": "SandboxLimits: timeout_s, memory_mb, ..."})
@@ -66,6 +69,9 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
         limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
     except ValueError as err:
         raise AlignError(f"{source}: {err}") from None
+    from align.tracking import check_trackers
+
+    top.report_to = check_trackers(top.report_to, source)
     if critic.type not in ("observation", "steps", "llm"):
         raise AlignError(f"{source}: critic: key 'type' must be observation, steps or llm, got {critic.type!r}")
     if critic.type == "llm":
@@ -194,13 +200,13 @@ class RequestBarrier:
 
 
 class Progress:
-    """Trees done, trees/min, pass rate per turn, pairs so far (tqdm on stderr)."""
+    """Trees done, trees/min, pass rate per turn, pairs so far (a bar on a terminal; `align run`'s live line)."""
 
-    def __init__(self, total: int, enabled: bool):
-        from tqdm import tqdm
+    def __init__(self, total: int, enabled: bool, trackers=None):
+        from align.progress import Progress as Shown
 
-        self.bar = tqdm(total=total, desc="trees", unit="tree", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
-        self.start = time.monotonic()
+        self.shown = Shown("trees", total, "tree", bar=None if enabled else False)
+        self.trackers = trackers
         self.turn_tried: Counter = Counter()
         self.turn_correct: Counter = Counter()
         self.pairs = 0
@@ -218,19 +224,31 @@ class Progress:
                 self.pairs += t["pair"] is not None
                 self.turns += 1
                 self.identical_turns += len(t["actions"]) > 1 and len({a["text"] for a in t["actions"]}) == 1
-        rate = self.bar.n / max(time.monotonic() - self.start, 1e-9) * 60
         passes = " ".join(f"t{k}:{self.turn_correct[k] / self.turn_tried[k]:.0%}" for k in sorted(self.turn_tried))
-        self.bar.set_postfix_str(f"{rate:.1f}/min pairs={self.pairs} failed={self.failed} pass {passes}", refresh=False)
-        self.bar.update(1)
+        self.shown.advance(note=f"pairs={self.pairs} failed={self.failed} pass {passes}")
+        if self.trackers is not None and self.shown.done % 100 == 0:
+            self.log()
+
+    def metrics(self) -> dict:
+        return {"trees": self.shown.done, "pairs": self.pairs, "failed": self.failed, "turns": self.turns,
+                "identical_sample_turns": self.identical_turns,
+                "pass_rate": {f"turn_{k}": self.turn_correct[k] / self.turn_tried[k] for k in sorted(self.turn_tried)}}
+
+    def log(self) -> None:
+        self.trackers.log({"trees": self.metrics()}, step=self.shown.done)
 
     def close(self):
-        self.bar.close()
+        if self.trackers is not None:
+            self.log()
+            self.trackers.close()
+        self.shown.close()
 
 
 def settings_of(config: TreesConfig, actor: ModelSpec, critic: CriticSpec, limits: SandboxLimits) -> dict:
     """What determines the trees (not where they go or how fast): a rerun must match it to resume."""
     keep = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "parallel_trees", "verifier_workers",
-                                                                  "progress", "actor", "critic", "sandbox")}
+                                                                  "progress", "report_to", "run_name", "actor",
+                                                                  "critic", "sandbox")}
     return {**keep, "actor": asdict(actor), "critic": asdict(critic), "sandbox": asdict(limits)}
 
 
@@ -270,7 +288,12 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     except BaseException:
         store.close()
         raise
-    progress = Progress(len(todo), config.progress)
+    trackers = None
+    if config.report_to:
+        from align.tracking import Trackers
+
+        trackers = Trackers(config.report_to, config.run_name, out / "runs", {"problems": config.problems})
+    progress = Progress(len(todo), config.progress, trackers)
 
     def keep(problem, tree_or_error) -> dict | None:
         if isinstance(tree_or_error, BackendError):  # after its retries: reported, retried on the next run

@@ -164,7 +164,19 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     """Write the sft, pairs, pairs_ultrainteract and kto configs in the Hub's dataset layout (parquet per
     config, the card's `configs:` naming them), stats.json and the dataset card: the folder loads with
     `load_dataset(folder, name=config)` as it will from the Hub, and each config folder is a stage's data."""
+    from align.progress import Progress
+
+    progress = Progress("export", 9, "step")
+    try:
+        return _export(trees_path, output_dir, leaves_only, command, progress)
+    finally:
+        progress.close()
+
+
+def _export(trees_path, output_dir, leaves_only: bool, command: str, progress) -> dict:
+    progress.note("reading the trees")
     trees = load_trees(trees_path)
+    progress.advance(note=f"{len(trees)} trees")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise AlignError(f"--output: {out} is a file, not a folder")
@@ -176,19 +188,24 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     from align.leaks import check_rows
 
     for name, rows in (("sft", sft), ("pairs", pairs), ("kto", kto)):
+        progress.note(f"secrets check: {name} ({len(rows)} rows)")
         check_rows(rows, f"{trees_path}: {name} export")
+        progress.advance()
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     bars = is_progress_bar_enabled()
     disable_progress_bar()
     try:
-        counts = {
-            "sft": _save(sft, out / "sft", ids + ["prompt", "completion", "instruction", "response"]),
-            "pairs": _save(pairs, out / "pairs", ids + ["prompt", "chosen", "rejected"]),
-            "pairs_ultrainteract": _save([{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
-                                         out / "pairs_ultrainteract", ids + ["trajectory", "chosen", "rejected"]),
-            "kto": _save(kto, out / "kto", ids + ["prompt", "completion", "label"]),
-        }
+        counts = {}
+        for name, rows, columns in (
+                ("sft", sft, ["prompt", "completion", "instruction", "response"]),
+                ("pairs", pairs, ["prompt", "chosen", "rejected"]),
+                ("pairs_ultrainteract", [{**r, "chosen": r["chosen_text"], "rejected": r["rejected_text"]} for r in pairs],
+                 ["trajectory", "chosen", "rejected"]),
+                ("kto", kto, ["prompt", "completion", "label"])):
+            progress.note(f"writing {name} ({len(rows)} rows)")
+            counts[name] = _save(rows, out / name, ids + columns)
+            progress.advance()
     finally:
         if bars:
             enable_progress_bar()
@@ -209,6 +226,7 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
             raise AlignError(f"{info_path}: corrupt (not a JSON object); delete it to export without the build settings")
     (out / "stats.json").write_text(json.dumps({"counts": counts, "stats": stats}, indent=2))
     dataset_card(counts, stats, build_info, command, leaves_only).save(str(out / "README.md"))
+    progress.advance(note="stats and card")
     return counts
 
 

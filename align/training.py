@@ -63,7 +63,11 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]
-        if sharded and not __import__("torch").cuda.is_available():
+        from align import cpu_fsdp
+
+        if sharded == ["FSDP"] and cpu_fsdp.requested():
+            cpu_fsdp.enable()  # sharded over gloo on the CPUs (a check of sharded training, not for speed)
+        elif sharded and not __import__("torch").cuda.is_available():
             raise AlignError(f"{source}: the accelerate config asks for {sharded[0]}, which needs GPUs (accelerate runs "
                              "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
         if world > 1 and args.world_size != world:
@@ -134,6 +138,8 @@ def run_stage(stage: str, argv: list[str]):
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.add_callback(shard_report(stage))
     fused = apply_moe_lora_backend(trainer.model, model_args.moe_lora_backend)
     if model_args.router_stats:
         trainer.enable_router_stats()
@@ -180,6 +186,22 @@ def progress_callback(stage: str):
     return _Progress()
 
 
+def shard_report(stage: str):
+    """Under FSDP, once the trainer has wrapped the model: how many parameter tensors are sharded."""
+    from transformers import TrainerCallback
+
+    class _Shards(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from torch.distributed.tensor import DTensor
+
+            params = list(model.parameters()) if model is not None else []
+            if state.is_world_process_zero:
+                sharded = sum(isinstance(p, DTensor) for p in params)
+                print(f"[align] {stage}: fsdp: {sharded} of {len(params)} parameter tensors sharded", flush=True)
+
+    return _Shards()
+
+
 def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: str) -> None:
     """Adapter, tokenizer, resolved config, log history and (on request) a merged model in output_dir; then
     the push, when the recipe asks for it.
@@ -195,6 +217,11 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
     is_peft = hasattr(model, "peft_config")
     if not is_peft:  # TRL switches router logits on for the aux loss; saved on, they break cached generation
         model.config.output_router_logits = False
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if getattr(trainer, "is_fsdp_enabled", False) and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        # Under a sharded state dict (fsdp_state_dict_type: SHARDED_STATE_DICT, for fast checkpoints) the
+        # trainer saves no model into output_dir at all: the final save gathers the full state instead.
+        plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():

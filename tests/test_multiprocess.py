@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,16 +19,23 @@ from conftest import REPO, stage_args
 MULTI_CPU = REPO / "recipes" / "accelerate" / "multi_cpu.yaml"
 
 
-def _launch(stage, out, *extra, processes=2):
+FSDP2 = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
+
+
+def _launch(stage, out, *extra, processes=2, config=MULTI_CPU):
     """`accelerate launch` of a tiny recipe: 2 processes of 4 rows, or 1 process accumulating 2 x 4 rows."""
     common = [*stage_args(f"{stage}.yaml", out, "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size",
                           "4", "--report_to", "none", "--learning_rate", "5e-3"), *map(str, extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 2:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_CPU), "-m", "align", stage,
-               *common]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+        if config == FSDP2:  # the shipped FSDP2 config as it is, on 2 CPU processes over gloo, in float32
+            cmd += ["--num_processes", "2", "--mixed_precision", "no"]
+            env["ALIGN_CPU_FSDP"] = "1"
+        cmd += ["-m", "align", stage, *common]
     else:
         cmd = [sys.executable, "-m", "align", stage, *common, "--gradient_accumulation_steps", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -76,6 +84,31 @@ def test_router_statistics_leave_padding_out():
     assert counts == [12.0 * 2] * len(stats.layers)  # top-2 of each real token
     snap = stats.snapshot()
     assert sum(v for k, v in snap.items() if k.startswith("router/layer_0/expert_")) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_fsdp2_shards_on_two_cpu_processes_and_equals_one(stage, tmp_path, sft_output):
+    """recipes/accelerate/fsdp2.yaml (one shard unit per decoder layer, sharded checkpoints) on 2 processes
+    over gloo (ALIGN_CPU_FSDP, align/cpu_fsdp.py): the parameters are sharded, the final save gathers the
+    full adapter, and it equals one process with the same micro-batches."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.models import resolve_model_path
+
+    extra = [] if stage == "sft" else ["--adapter_name_or_path", sft_output]
+    two = _launch(stage, tmp_path / "two", *extra, config=FSDP2)
+    assert "distributed=FSDP processes=2" in two and two.count("adapter written") == 1
+    sharded, total = map(int, re.search(r"fsdp: (\d+) of (\d+) parameter tensors sharded", two).groups())
+    assert sharded == total > 0  # every parameter, LoRA's included, lives in shards
+    _launch(stage, tmp_path / "one", *extra, processes=1)
+    a, b = load_file(str(tmp_path / "two" / "adapter_model.safetensors")), load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:  # float32; stated tolerance 1e-6 relative (the reduce-scatter sums the same two gradients)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-8)
+    assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
+    PeftModel.from_pretrained(base, str(tmp_path / "two"))  # the gathered adapter loads in plain PEFT
 
 
 def test_a_sharded_config_on_a_cpu_machine_is_refused(tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from align.trees import literal_tests, sandbox
-from align.trees.literal_tests import Judge, calls_file, plan
+from align.trees.literal_tests import Judge, plan
 from align.trees.problems import humaneval_problems
 from align.trees.sandbox import SandboxLimits
 
@@ -48,6 +48,13 @@ def test_literal_asserts_are_planned(tests):
     ("def helper():\n    pass\n\n" + _check("assert candidate(1) == 1"), ""),  # more than check()
     (_check("assert candidate(f) == 1"), ""),  # a name that is not a literal
     (_check("assert '%s!' % candidate(1) == 'a!'"), ""),  # formatting, which the judge does not do
+    (_check("assert candidate(1) is 'a'"), ""),  # `is` on a string: interning differs by interpreter
+    (_check("assert candidate(set('the lazy dog' * 500)) == 9"), ""),  # an argument too costly to build here
+    (_check("assert candidate([[0] * 2000] * 2000) == 1"), ""),  # 4M values to encode
+    (_check("assert candidate(1)" + " + 0" * 200 + " == 1"), ""),  # nested deeper than the evaluator goes
+    (_check("assert round(candidate(2.5)) == 3"), "if True:\n    def round(x):\n        return 3\n"),
+    (_check("assert abs(candidate(1)) == 1"), "from math import *\n"),  # a star import may bind anything
+    (_check("assert len(candidate(1)) == 1"), "def g():\n    global len\n    len = 0\n"),
 ])
 def test_anything_more_goes_to_the_two_process_path(tests, prompt):
     assert plan(tests, "f", prompt) is None
@@ -90,17 +97,53 @@ def test_the_reply_stream_is_framed_and_bounded():
     judge = Judge(plan(tests, "f"))
     assert judge.feed(b"\x00\x00\x00\x05[1,") is False  # half a frame: waits
     assert judge.feed(b"2]") is True and "malformed" in judge.finish(True)["observation"]
-    assert calls_file(plan(tests, "f")).startswith(b"\x00\x00\x00")
+    assert plan(tests, "f").frames[0].startswith(b"\x00\x00\x00")
 
 
 @pytest.mark.parametrize("expression, result", [
     ("candidate(1) * 10 ** 9 == 'x'", ["s", "abc"]),  # a string of 3 GB
     ("2 ** candidate(1) == 0", ["i", hex(10 ** 9)]),  # an integer of a billion bits
+    ("sorted(candidate(1)) == []", ["s", "\u4e00" * 100_000]),  # an object per character
+    ("candidate(1) == {(1,): 1}", ["d", [[["t", [["N"]] * 1000], ["i", "0x1"]]]]),  # a key compared in full
 ])
-def test_operations_on_results_are_bounded(expression, result):
+def test_what_would_cost_this_process_too_much_is_left_to_the_tests_own_process(expression, result):
     start = time.monotonic()
-    verdict = _judge(_check(f"assert {expression}"), [["ok", result, [None]]])
-    assert verdict["passed"] is False and time.monotonic() - start < 1
+    judge = Judge(plan(_check(f"assert {expression}"), "f"))
+    assert judge.add(["ok", result, [None]]) and judge.undecided and judge.verdict is None
+    assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("tests, code", [
+    (_check("assert candidate(1) == 'a' * 2_000_000"), "def f(x):\n    return 'a' * 2_000_000\n"),
+    (_check("assert candidate(1) == 2 ** 9000"), "def f(x):\n    return 2 ** 9000\n"),
+    (_check("assert candidate(1j) / 2 == 0.5j"), "def f(x):\n    return x\n"),
+    (_check(*[f"assert len(candidate([{i}] * 100_000)) == 100_000" for i in range(60)]),
+     "def f(xs):\n    return xs\n"),  # 60 replies echoing 100,000-element arguments
+])
+def test_honest_solutions_pass_past_the_judges_bounds(tests, code):
+    assert sandbox.run_tests_isolated(code, tests, "f", limits=SandboxLimits(timeout_s=30, memory_mb=512)).passed
+
+
+def test_the_candidate_gets_one_call_at_a_time():
+    # A round trip: the second call's argument is the first call's expected value. With every call in hand
+    # at once, a candidate that cannot reverse a string could answer each call with the other's argument.
+    tests = _check("assert candidate('hello world') == 'dlrow olleh'", "assert candidate('dlrow olleh') == 'hello world'")
+    code = textwrap.dedent("""
+        import os, select, time
+        time.sleep(0.2)
+        seen = b""
+        while select.select([3], [], [], 0)[0]:
+            chunk = os.read(3, 1 << 16)
+            if not chunk:
+                break
+            seen += chunk
+        os.write(2, repr(seen.count(b"call")).encode())
+        raise SystemExit(0)
+    """)
+    outcome = sandbox.run_tests_isolated(code, tests, "f")
+    assert not outcome.passed and outcome.candidate.stderr == "1"  # only the first call was there to read
+    honest = "def f(s):\n    return s[::-1]\n"
+    assert sandbox.run_tests_isolated(honest, tests, "f").passed
 
 
 def test_a_failure_ends_the_run_at_once_even_if_later_calls_would_hang():

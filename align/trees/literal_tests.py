@@ -2,14 +2,16 @@
 
 Most unit tests of code problems (HumanEval's among them) are a `check(candidate)` of lines such as
 `assert candidate([1, 2], 3) == True, "message"`. For those, the verifier needs no second sandboxed
-process: it reads the tests with `ast`, sends only the calls' arguments into the sandbox (the expected
-values never enter it), gets the results back as exact built-in values (`_harness.encode` / `decode`), and
-evaluates each assert here with a small evaluator that knows literals, the candidate's results, operators
-and a few pure built-in functions, nothing else. Any test that does more (loops, imports, helpers, names of
-the prompt's, short-circuits around a call) is not planned here and goes to the two-process path.
+process: it reads the tests with `ast`, sends the candidate one call at a time (arguments only: the
+expected values never enter the sandbox; the next call only once the asserts before it have held, as the
+tests themselves would), gets each result back as exact built-in values (`_harness.encode` / `decode`),
+and evaluates each assert here with a small evaluator that knows literals, the candidate's results,
+operators and a few pure built-in functions, nothing else. Tests that do more (loops, imports, helpers,
+names of the prompt's, short-circuits around a call) are not planned here and go to the two-process path.
 
-The evaluator never runs code of the candidate's or of the tests' and only ever meets built-in values;
-the operations that could be made to take unbounded time or memory (`*`, `**`, `%`) are bounded.
+The evaluator never runs code of the candidate's or of the tests' and only ever meets built-in values.
+What could make this process spend unbounded time or memory on a reply is bounded, and a reply past a
+bound is not judged here (`Undecided`): the two-process path, where the sandbox's limits hold, decides.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ast
 import functools
 import json
 import struct
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -28,12 +31,22 @@ from align.trees import _harness
 _FUNCTIONS = {"abs": abs, "len": len, "round": round, "sorted": sorted, "set": set, "tuple": tuple,
               "list": list, "sum": sum, "min": min, "max": max, "all": all, "any": any, "bool": bool,
               "int": int, "float": float, "str": str, "frozenset": frozenset}
+_EXPANDING = {"list", "tuple", "set", "frozenset", "sorted"}  # functions that build one object per element
 _MAX_ELEMENTS = 1 << 20  # a sequence an operator may build
 _MAX_BITS = 1 << 14  # an integer an operator may build
 _MAX_CALLS = 10_000
-# Elements of sets and dicts the judge builds from one reply. Hashes of ints, floats and tuples can be made to
-# collide, which makes building a set quadratic: past this, the verdict is left to the tests' own process.
+_MAX_DEPTH = 60  # of an assert's expression (the evaluator recurses over it)
+_MAX_PLAN_VALUES = 200_000  # values in all the calls' arguments together
+_MAX_CALL_BYTES = 1 << 20  # one encoded call
+_CACHED_PLAN_BYTES = 64 << 10  # plans whose calls encode to more are made again, not kept
+# What one run's replies may cost this process; past any of these the reply is left to the two-process path.
+MAX_REPLIES_BYTES = 4 << 20  # all the replies together
+MAX_REPLY_VALUES = 200_000  # values in all the replies together
+# Elements of sets and dicts built from the replies, all together. Hashes of ints and floats can be made to
+# collide, which makes building a set quadratic; a set or dict key that is not a scalar (a tuple of a
+# thousand items, each compared in full on a collision) is not judged here at all.
 MAX_HASHED = 2_000
+_SCALARS = ("N", "b", "i", "f", "s", "y", "c")
 
 
 class NotLiteral(Exception):
@@ -41,14 +54,7 @@ class NotLiteral(Exception):
 
 
 class Undecided(Exception):
-    """A reply too costly to judge here (see MAX_HASHED): the two-process path decides instead."""
-
-
-class _Result:
-    """Placeholder for the value of the candidate's call number `index`."""
-
-    def __init__(self, index: int):
-        self.index = index
+    """A reply or an operation too costly to judge here: the two-process path decides instead."""
 
 
 @dataclass
@@ -65,30 +71,66 @@ class _Assert:
 class LiteralPlan:
     calls: list[tuple[list, dict]]  # (args, kwargs) of each call of the candidate, in the tests' order
     asserts: list[_Assert]
+    frames: list[bytes] = field(default_factory=list)  # each call as `_harness.receive` reads it
 
 
 _parse_lock = threading.Lock()  # (catch_warnings swaps process-wide state)
+_PLANNING_ERRORS = (NotLiteral, Undecided, SyntaxError, ValueError, TypeError, RecursionError, MemoryError,
+                    OverflowError, ArithmeticError, _harness.Unencodable)
 
 
-@functools.lru_cache(maxsize=4096)
 def plan(tests: str, entry_point: str, prompt: str = "") -> LiteralPlan | None:
-    """The calls and asserts of `tests`, or None when they are not only literal asserts. (Cached: a
-    plan is never changed after it is made; each verification judges with a `Judge` of its own.)"""
+    """The calls and asserts of `tests`, or None when they are not only literal asserts. Plans are kept
+    (never changed after they are made; each verification judges with a `Judge` of its own) unless big."""
+    cached = _cached_plan(tests, entry_point, prompt)
+    return _plan(tests, entry_point, prompt) if cached is False else cached
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(tests: str, entry_point: str, prompt: str) -> LiteralPlan | bool | None:
+    made = _plan(tests, entry_point, prompt)
+    if made is not None and sum(map(len, made.frames)) > _CACHED_PLAN_BYTES:
+        return False  # (not kept: made again for each verification)
+    return made
+
+
+def _plan(tests: str, entry_point: str, prompt: str) -> LiteralPlan | None:
+    if not sandbox_interpreter_matches():
+        return None
     try:
         with _parse_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tests' own SyntaxWarnings are not ours to print
             return _Planner(tests, entry_point, prompt).build()
-    except (NotLiteral, SyntaxError, ValueError, TypeError, RecursionError, MemoryError, OverflowError,
-            ArithmeticError, _harness.Unencodable):
+    except _PLANNING_ERRORS:
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_interpreter_matches() -> bool:
+    """The two-process path runs the tests with the sandbox's interpreter; this judge uses ours. Where they
+    are different versions (`sum` of floats differs between 3.11 and 3.12), the judge is not used."""
+    import subprocess
+
+    from align.trees.sandbox import _python_for_runs, capabilities
+
+    python = _python_for_runs(capabilities()["root"])
+    if python == sys.executable:
+        return True
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out == str(tuple(sys.version_info[:2]))
 
 
 class _Planner:
     def __init__(self, tests: str, entry_point: str, prompt: str):
         self.tests, self.entry_point = tests, entry_point
         self.lines = tests.splitlines()
-        self.shadowed = _top_level_names(prompt) if prompt else set()
+        self.shadowed = _bound_names(prompt) if prompt else set()
         self.calls: list[tuple[list, dict]] = []
+        self.values = 0
 
     def build(self) -> LiteralPlan:
         module = ast.parse(self.tests)
@@ -124,12 +166,18 @@ class _Planner:
                 message, test, bare = None, stmt.value, True
             else:
                 raise NotLiteral(type(stmt).__name__)
+            if _depth(test) > _MAX_DEPTH:
+                raise NotLiteral("an expression nested too deeply")
             entry = _Assert(test, stmt.lineno, self._line(stmt), message, bare)
             self._collect(test, entry, lazy=False)
             if len(self.calls) > _MAX_CALLS:
                 raise NotLiteral("too many calls")
             asserts.append(entry)
-        return LiteralPlan(self.calls, asserts)
+        frames = [_frame(["call", _harness.encode(list(args)), _harness.encode(dict(kwargs))])
+                  for args, kwargs in self.calls]
+        if any(len(f) > _MAX_CALL_BYTES for f in frames):
+            raise NotLiteral("a call too big")
+        return LiteralPlan(self.calls, asserts, frames)
 
     def _line(self, stmt) -> str:
         return self.lines[stmt.lineno - 1].strip() if 0 < stmt.lineno <= len(self.lines) else ""
@@ -152,7 +200,9 @@ class _Planner:
                 raise NotLiteral("unpacked arguments")
             args = [evaluate(a, [], self._allowed) for a in node.args]
             kwargs = {k.arg: evaluate(k.value, [], self._allowed) for k in node.keywords}
-            _harness.encode([args, kwargs])  # must cross as built-in values
+            self.values += _count_values([args, kwargs], _MAX_PLAN_VALUES - self.values)
+            if self.values > _MAX_PLAN_VALUES:
+                raise NotLiteral("arguments too big")
             entry.calls.append(len(self.calls))
             node._align_call = len(self.calls)
             self.calls.append((args, kwargs))
@@ -188,6 +238,10 @@ class _Planner:
                 self._collect(value, entry, True)
             return
         if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops) and not all(
+                    isinstance(side, ast.Constant) and side.value in (None, True, False) and type(side.value) in
+                    (type(None), bool) for side in node.comparators):
+                raise NotLiteral("`is` on what is not None, True or False")  # (interning differs by interpreter)
             self._collect(node.left, entry, lazy)
             self._collect(node.comparators[0], entry, lazy)
             for value in node.comparators[1:]:  # a chain stops at its first false link
@@ -206,56 +260,68 @@ class _Planner:
         return name not in self.shadowed
 
 
-def _top_level_names(source: str) -> set[str]:
+def _depth(node, level: int = 0) -> int:
+    children = list(ast.iter_child_nodes(node))
+    if level > _MAX_DEPTH or not children:
+        return level
+    return max(_depth(child, level + 1) for child in children)
+
+
+def _bound_names(source: str) -> set[str]:
+    """Every name the prompt binds anywhere (defs, classes, assignments, imports, `global`), or all the
+    judge's function names when it can't tell (a star import, `builtins` touched, unreadable)."""
     try:
         module = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return set(_FUNCTIONS)  # unreadable: assume it shadows everything
+    except (SyntaxError, ValueError, RecursionError):
+        return set(_FUNCTIONS)
     names = set()
-    for node in module.body:
+    for node in ast.walk(module):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return set(_FUNCTIONS)
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        else:
-            names.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, ast.Name):
+            if node.id in ("builtins", "__builtins__", "globals", "setattr", "exec", "eval"):
+                return set(_FUNCTIONS)
+            if isinstance(node.ctx, (ast.Store, ast.Del)):
+                names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
     return names
 
 
-def _hashed_elements(tree) -> int:
-    """How many set / frozenset / dict elements an encoded value holds (a walk of the JSON, not decoded)."""
-    count, stack = 0, [tree]
-    while stack:
-        node = stack.pop()
-        if type(node) is list and len(node) == 2 and type(node[0]) is str and type(node[1]) is list:
-            if node[0] in ("S", "F", "d"):
-                count += len(node[1])
-                if count > MAX_HASHED:
-                    return count
-            if node[0] == "d":
-                stack.extend(x for pair in node[1] if type(pair) is list for x in pair)
-            elif node[0] in ("l", "t", "S", "F"):
-                stack.extend(node[1])
+def _count_values(value, limit: int) -> int:
+    """How many values `value` holds (itself included), counting no further than `limit` + 1."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if type(item) in (list, tuple, set, frozenset):
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
     return count
 
 
-def _bounded_hashing(function):
-    def apply(*args):
-        if args and type(args[0]) in (list, tuple, set, frozenset, dict, str, bytes) and len(args[0]) > MAX_HASHED:
-            raise Undecided("too many elements to hash")
-        return function(*args)
-    return apply
+def _frame(message) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return struct.pack(">I", len(data)) + data
 
 
 def _bounded_mult(a, b):
     for x, y in ((a, b), (b, a)):
         if type(x) in (str, bytes, list, tuple) and type(y) in (int, bool):
             if len(x) * max(y, 0) > _MAX_ELEMENTS:
-                raise NotLiteral("a sequence too long")
+                raise Undecided("a sequence too long")
             return x * y
     if type(a) in (int, bool) and type(b) in (int, bool):
         if abs(a).bit_length() + abs(b).bit_length() > _MAX_BITS:
-            raise OverflowError("an integer too large")
+            raise Undecided("an integer too large")
         return a * b
     if type(a) in (int, float, bool, complex) and type(b) in (int, float, bool, complex):
         return a * b
@@ -264,22 +330,22 @@ def _bounded_mult(a, b):
 
 def _bounded_pow(a, b):
     if type(a) in (int, bool) and type(b) in (int, bool) and b > 0:
-        if abs(a).bit_length() * b > _MAX_BITS:
-            raise OverflowError("an integer too large")
-    elif not (type(a) in (int, float, bool) and type(b) in (int, float, bool)):
+        if abs(a) > 1 and abs(a).bit_length() * b > _MAX_BITS:
+            raise Undecided("an integer too large")
+        if abs(a) <= 1 and b > _MAX_BITS:
+            raise Undecided("an exponent too large")
+    elif not (type(a) in (int, float, bool, complex) and type(b) in (int, float, bool, complex)):
         raise TypeError("unsupported operand type(s) for **")
     return a ** b
 
 
 def _numbers_only(op):
     def apply(a, b):
-        if type(a) not in (int, float, bool) or type(b) not in (int, float, bool):
+        if type(a) not in (int, float, bool, complex) or type(b) not in (int, float, bool, complex):
             raise TypeError("unsupported operand types")
         return op(a, b)
     return apply
 
-
-_FUNCTIONS.update(set=_bounded_hashing(set), frozenset=_bounded_hashing(frozenset))
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: _bounded_mult,
            ast.Div: _numbers_only(lambda a, b: a / b), ast.FloorDiv: _numbers_only(lambda a, b: a // b),
@@ -335,28 +401,47 @@ def evaluate(node, results: list, allowed=lambda name: True):
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
             and allowed(node.func.id) and not node.keywords):
         args = [evaluate(a, results, allowed) for a in node.args]
-        if node.func.id in ("list", "tuple", "set", "frozenset", "sorted", "sum", "min", "max", "all", "any") \
-                and args and type(args[0]) not in (list, tuple, set, frozenset, dict, str, bytes):
+        name = node.func.id
+        if name in _EXPANDING | {"sum", "min", "max", "all", "any"} and args and \
+                type(args[0]) not in (list, tuple, set, frozenset, dict, str, bytes):
             raise TypeError(f"'{type(args[0]).__name__}' object is not iterable")
-        return _FUNCTIONS[node.func.id](*args)
+        if name in _EXPANDING and args and len(args[0]) > MAX_HASHED and (
+                name in ("set", "frozenset") or type(args[0]) in (str, bytes)):
+            raise Undecided(f"{name}() of {len(args[0])} elements")  # hashing, or an object per character
+        return _FUNCTIONS[name](*args)
     raise NotLiteral(type(node).__name__)
 
 
-MAX_REPLIES_BYTES = 64 << 20  # all the replies of one run together
-
-
-def calls_file(literal: LiteralPlan) -> bytes:
-    """The candidate side's input: one `call` message per call, framed as `_harness.send` frames them."""
-    frames = []
-    for args, kwargs in literal.calls:
-        data = json.dumps(["call", _harness.encode(list(args)), _harness.encode(dict(kwargs))],
-                          separators=(",", ":")).encode("utf-8", "surrogatepass")
-        frames.append(struct.pack(">I", len(data)) + data)
-    return b"".join(frames)
+def _reply_cost(tree) -> tuple[int, int, bool]:
+    """(values, set / dict elements, whether a set element or dict key is not a scalar) of an encoded
+    value, from its JSON, before anything is decoded."""
+    values, hashed, composite, stack = 0, 0, False, [tree]
+    while stack:
+        node = stack.pop()
+        values += 1
+        if values > MAX_REPLY_VALUES:
+            break
+        if type(node) is list and len(node) == 2 and type(node[0]) is str and type(node[1]) is list:
+            tag, payload = node
+            if tag in ("S", "F"):
+                hashed += len(payload)
+                composite |= any(not (type(e) is list and e and e[0] in _SCALARS) for e in payload)
+                stack.extend(payload)
+            elif tag == "d":
+                hashed += len(payload)
+                for pair in payload:
+                    if type(pair) is list and len(pair) == 2:
+                        key = pair[0]
+                        composite |= not (type(key) is list and key and key[0] in _SCALARS)
+                        stack.extend(pair)
+            elif tag in ("l", "t"):
+                stack.extend(payload)
+    return values, hashed, composite
 
 
 class Judge:
-    """Takes the candidate's replies in order and decides the verdict as soon as it can."""
+    """Sends the candidate its calls one at a time, takes its replies in order, and decides the verdict as
+    soon as it can. `outgoing` holds the bytes still to be written to the candidate."""
 
     def __init__(self, literal: LiteralPlan):
         self.plan = literal
@@ -364,19 +449,19 @@ class Judge:
         self.next_assert = 0
         self.verdict: dict | None = None
         self.undecided = False  # a reply this process should not judge: ask the tests' own process
+        self.outgoing = bytearray()
+        self._sent = 0
         self._buffer = bytearray()
-        self._received = 0
-        if not literal.calls:
-            self._advance()
+        self._received = self._values = self._hashed = 0
+        self._advance()
 
     def feed(self, data: bytes) -> bool:
-        """Bytes of the candidate's reply stream; True once the verdict is decided."""
+        """Bytes of the candidate's reply stream; True once the verdict is decided (or left undecided)."""
         if self.verdict is not None or self.undecided:
             return True
         self._received += len(data)
         if self._received > MAX_REPLIES_BYTES:
-            return self._fail("The program broke the test protocol (more than %d MiB of replies)."
-                              % (MAX_REPLIES_BYTES >> 20))
+            return self._undecided()
         self._buffer += data
         while len(self._buffer) >= 4:
             (size,) = struct.unpack(">I", self._buffer[:4])
@@ -398,15 +483,17 @@ class Judge:
         """One reply of the candidate's (as `_harness.serve` sends it); True once the verdict is decided."""
         if self.verdict is not None or self.undecided:
             return True
-        if len(self.results) >= len(self.plan.calls):
+        if len(self.results) >= self._sent:
             return self._fail("The program broke the test protocol (a reply to no call).")
         if type(reply) is not list or not reply or type(reply[0]) is not str:
             return self._fail("The program broke the test protocol (a malformed reply).")
         kind = reply[0]
         if kind == "ok" and len(reply) == 3:
-            if _hashed_elements(reply[1]) > MAX_HASHED:
-                self.undecided = True
-                return True
+            values, hashed, composite = _reply_cost(reply[1])
+            self._values += values
+            self._hashed += hashed
+            if composite or self._values > MAX_REPLY_VALUES or self._hashed > MAX_HASHED:
+                return self._undecided()
             try:
                 self.results.append(_harness.decode(reply[1]))
             except _harness.ProtocolError as err:
@@ -427,12 +514,16 @@ class Judge:
         while self.next_assert < len(asserts):
             entry = asserts[self.next_assert]
             if entry.calls and entry.calls[-1] >= len(self.results):
-                return False  # waits for more replies
+                # It waits for a reply: the next call goes out once every earlier reply is in (as the tests
+                # would make it: only after the asserts before it held).
+                if self._sent == len(self.results):
+                    self.outgoing += self.plan.frames[self._sent]
+                    self._sent += 1
+                return False
             try:
                 held = evaluate(entry.test, self.results)
             except Undecided:
-                self.undecided = True
-                return True
+                return self._undecided()
             except _Raised as raised:  # the candidate's call raised: its own traceback, as the tests show it
                 return self._fail(raised.traceback or self._traceback(entry, f"{raised.name}: {raised.message}"))
             except (TypeError, ValueError, ArithmeticError, RecursionError, MemoryError, NotLiteral, KeyError,
@@ -454,6 +545,10 @@ class Judge:
                         "observation": observation[:_harness.MAX_OBSERVATION]}
         return True
 
+    def _undecided(self) -> bool:
+        self.undecided = True
+        return True
+
     def finish(self, gone: bool) -> dict:
         """The verdict when the replies stopped (the program exited, or ran out of time)."""
         if self.verdict is None:
@@ -468,4 +563,3 @@ class _Raised(Exception):
     def __init__(self, name: str, message: str, traceback: str):
         super().__init__(message)
         self.name, self.message, self.traceback = name, message, traceback
-

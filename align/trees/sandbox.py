@@ -513,15 +513,14 @@ class _ChildSpec:
     pipe_fds: dict = field(default_factory=dict)
     verdict_fd: int | None = None
     read_paths: list[str] | None = None
-    inputs: dict = field(default_factory=dict)  # {fd: bytes}: a file of ours the child may only read
-    stream_fd: int | None = None  # the write end of a FIFO whose reader is `_run`'s `judge`
+    judge_fds: tuple[int, int] | None = None  # (calls in, replies out): FIFOs whose other ends are `_run`'s judge
 
 
 def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, primary: int = 0, judge=None):
     """Fork `children` (connected by `pipes` pipes) under the limits; wait for child `primary` up to the
     timeout; then kill every process of the run and return ([SandboxResult per child], [verdict text]).
-    With `judge` (bytes -> decided), what the primary writes to its `stream_fd` goes to `judge` as it comes,
-    and the run ends as soon as the judge has decided."""
+    With `judge` (a literal_tests.Judge), the primary reads the judge's `outgoing` bytes on its first
+    `judge_fds` and its replies go to `judge.feed` as they come; the run ends once the judge has decided."""
     caps = capabilities()
     root, netns, landlock, tmpfs = caps["root"], caps["netns"], caps["landlock_abi"], caps["tmpfs"]
     cgroups = _CGROUPS if caps["cgroups"] != "none" else None
@@ -532,7 +531,7 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
     # One cgroup for the whole run (both sides of a verification, and everything they fork): memory_mb and
     # max_processes bound the run, not each process.
     run_groups = cgroups.create(limits.memory_mb << 20, limits.max_processes + len(children)) if cgroups else []
-    out_dir, emptied, limits_dict, stream = None, False, asdict(limits), None
+    out_dir, emptied, limits_dict, streams = None, False, asdict(limits), None
     try:
         # One folder of ours (root's or ours, 0700: out of every child's reach) for the run's programs and
         # captured output; a workdir per child, owned by its uid.
@@ -555,14 +554,13 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                 with open(paths["stdin"], "w") as f:
                     f.write(spec.stdin)
             read_fds, write_fds = {}, {}
-            for fd, data in spec.inputs.items():
-                read_fds[str(fd)] = os.path.join(out_dir, f"{index}.in{fd}")
-                with open(read_fds[str(fd)], "wb") as f:
-                    f.write(data)
-            if spec.stream_fd is not None and index == primary and judge is not None:
-                write_fds[str(spec.stream_fd)] = os.path.join(out_dir, f"{index}.stream")
-                os.mkfifo(write_fds[str(spec.stream_fd)], 0o600)
-                stream = os.open(write_fds[str(spec.stream_fd)], os.O_RDONLY | os.O_NONBLOCK)
+            if spec.judge_fds is not None and index == primary and judge is not None:
+                calls, replies = os.path.join(out_dir, f"{index}.calls"), os.path.join(out_dir, f"{index}.replies")
+                os.mkfifo(calls, 0o600)
+                os.mkfifo(replies, 0o600)
+                # (ours open first, so the child's opens never wait: O_RDWR is a writer the child's read end finds)
+                streams = (os.open(calls, os.O_RDWR | os.O_NONBLOCK), os.open(replies, os.O_RDONLY | os.O_NONBLOCK))
+                read_fds[str(spec.judge_fds[0])], write_fds[str(spec.judge_fds[1])] = calls, replies
             requests.append({"read_fds": read_fds, "write_fds": write_fds,
                              "workdir": workdir, "program": program, "filename": spec.filename, **paths,
                              "limits": limits_dict, "uid": uid, "netns": netns and not shared_netns, "root": root,
@@ -572,10 +570,10 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
         zygote = _get_zygote(_python_for_runs(root), shared_netns)
         start = time.monotonic()
         rid = zygote.start({"pipes": pipes, "children": requests})
-        if stream is None:
+        if streams is None:
             finished = zygote.wait(rid, [primary], limits.timeout_s)
         else:
-            finished = _follow(zygote, rid, primary, stream, judge, start + limits.timeout_s)
+            finished = _follow(zygote, rid, primary, streams, judge, start + limits.timeout_s)
         duration = time.monotonic() - start
         # Whatever happened, nothing any child started survives the run.
         pids = zygote.pids(rid)
@@ -633,49 +631,60 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
             if uid is not None:
                 with _uid_lock:
                     _uids_in_use.discard(uid)
-        if stream is not None:
-            os.close(stream)
+        for fd in streams or ():
+            os.close(fd)
         if out_dir:
             _remove_tree(out_dir)
 
 
-def _follow(zygote, rid: int, primary: int, fd: int, judge, deadline: float) -> bool:
-    """Feed what child `primary` writes to `fd` to `judge` until it decides, the child ends (True) or the
-    deadline passes (False)."""
+def _follow(zygote, rid: int, primary: int, streams: tuple[int, int], judge, deadline: float) -> bool:
+    """Write the judge's calls to child `primary` and feed it the replies, until the judge decides, the
+    child ends (True) or the deadline passes (False)."""
+    calls, replies = streams
     poller = select.poll()
-    poller.register(fd, select.POLLIN)
+    poller.register(replies, select.POLLIN)
+    poller.register(calls, 0)
+    watching_calls = False
 
     def drain() -> bool:
         while True:
             try:
-                data = os.read(fd, 1 << 16)
+                data = os.read(replies, 1 << 16)
             except BlockingIOError:
                 return False
-            if not data:
-                return False
-            if judge(data):
-                return True
+            if not data or judge.feed(data):
+                return bool(data)
 
     while True:
+        if judge.verdict is not None or judge.undecided:
+            return True  # (tests whose asserts call nothing are decided before the child runs a line)
+        if judge.outgoing:
+            try:
+                del judge.outgoing[:os.write(calls, judge.outgoing)]
+            except BlockingIOError:
+                pass
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
+        if bool(judge.outgoing) != watching_calls:  # (a call that did not fit the FIFO: wait until it can go)
+            watching_calls = bool(judge.outgoing)
+            poller.modify(calls, select.POLLOUT if watching_calls else 0)
         # (a FIFO whose writer has not opened it yet polls as empty: the child's exit is checked meanwhile)
-        if poller.poll(min(remaining, 0.05) * 1000):
+        events = dict(poller.poll(min(remaining, 0.05) * 1000))
+        if events.get(replies):
             try:
-                data = os.read(fd, 1 << 16)
+                data = os.read(replies, 1 << 16)
             except BlockingIOError:
                 continue
             if data:
-                if judge(data):
+                if judge.feed(data):
                     return True
                 continue
             # The writer closed its end: the child is ending.
             exited = zygote.wait(rid, [primary], max(deadline - time.monotonic(), 0))
             return drain() or exited
-        if zygote.wait(rid, [primary], 0):
-            drain()
-            return True
+        if not events and zygote.wait(rid, [primary], 0):
+            return drain() or True
 
 
 def _remove_tree(folder: str) -> None:
@@ -725,21 +734,18 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
     literal = literal_tests.plan(tests, entry_point, prompt)
     if literal is None:
         return _run_tests_split(code, tests, entry_point, prompt, limits, harness)
-    start = time.monotonic()
     judge = literal_tests.Judge(literal)
     candidate_side = _ChildSpec(code=f"{harness}serve({code!r}, {entry_point!r})\n", filename="harness.py",
-                                inputs={3: literal_tests.calls_file(literal)}, stream_fd=4,
-                                read_paths=candidate_read_paths())
-    (result,), _ = _run([candidate_side], limits, judge=judge.feed)
-    timed_out = TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", _split_isolation(), "timeout",
-                            result, len(judge.results))
-    if judge.undecided:  # a reply too costly to judge in this process: the tests' own process judges, in what
-        left = limits.timeout_s - (time.monotonic() - start)  # is left of the one timeout
-        if left < LIMIT_BOUNDS["timeout_s"][0]:
-            return timed_out
-        return _run_tests_split(code, tests, entry_point, prompt, replace(limits, timeout_s=left), harness)
+                                judge_fds=(3, 4), read_paths=candidate_read_paths())
+    (result,), _ = _run([candidate_side], limits, judge=judge)
+    if judge.undecided:
+        # A reply too costly to judge in this process: the tests' own process judges, under the sandbox's
+        # limits, with a timeout of its own (an honest solution that returns something big late must not
+        # lose for it; a candidate can at most double the time its verification takes).
+        return _run_tests_split(code, tests, entry_point, prompt, limits, harness)
     if judge.verdict is None and result.status == "timeout":
-        return timed_out
+        return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", _split_isolation(), "timeout",
+                           result, len(judge.results))
     verdict = judge.finish(gone=True)
     return TestOutcome(verdict["passed"] is True, _outcome_observation(verdict, result), _split_isolation(), "ok",
                        result, int(verdict.get("calls") or 0))

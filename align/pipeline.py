@@ -298,7 +298,15 @@ class Runner:
 
         if "problems" not in recipe:
             raise AlignError(f"{where}: key 'problems' is required (a trees recipe names its problems)")
+        recipe = copy.deepcopy(recipe)
+        produced = {}  # adapters an earlier stage makes: checked when they exist, here only as names
+        for role in ("actor", "critic"):
+            part = recipe.get(role)
+            if isinstance(part, dict) and isinstance(part.get("adapter"), str) and self.produced(part["adapter"]):
+                produced[role] = part.pop("adapter")
         config, actor, critic, _ = parse_trees_config(recipe, where)
+        for role, adapter in produced.items():
+            setattr(actor if role == "actor" else critic, "adapter", adapter)
         self._check_problems(config.problems, where)
         for role, spec in (("actor", actor), ("critic", critic)):
             if role == "critic" and critic.type != "llm":

@@ -1,7 +1,8 @@
 """The quickstart's table over several seeds, with its spread: mean ± sd of every model's pass@1 and
 pass@k turns, the chosen reward at the end of each preference stage, and the turn-2 share of the pairs.
 
-The first seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with DPO and KTO enabled);
+The first seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with every stage enabled: DPO,
+KTO and the second round);
 the others share its bootstrap (data + bootstrap stages) and rerun everything after it with their own
 seed (trees sampling, every training stage's `seed`). Each seed's pipeline lives in OUT/seed-S; a rerun
 skips finished stages, so an interrupted benchmark resumes.
@@ -24,6 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "recipes" / "quickstart" / "pipeline.yaml"
 TRAINING = ("sft", "nca", "dpo", "kto")
+PREFERENCE = ("nca", "dpo", "kto", "nca2")
 
 
 def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path:
@@ -65,7 +67,7 @@ def collect(seed_dir: Path) -> dict:
     return {
         "models": {name: {"pass@1": r["pass@1"], **{f"pass@{k} turns": v for k, v in r.get("pass@turns", {}).items()
                                                    if k != "1"}} for name, r in results["models"].items()},
-        "chosen_reward": {stage: final_chosen_reward(seed_dir / stage) for stage in ("nca", "dpo", "kto")},
+        "chosen_reward": {stage: final_chosen_reward(seed_dir / stage) for stage in PREFERENCE},
         "pairs": total_pairs,
         "turn2_pair_share": round(sum(v for k, v in pairs_by_turn.items() if k >= 2) / total_pairs, 4) if total_pairs else 0.0,
         "pass_rate_per_turn": stats["stats"]["pass_rate_per_turn"],
@@ -105,9 +107,9 @@ def main() -> None:
     for name in models:
         lines.append(f"| {name} | " + " | ".join(mean_sd([r["models"][name].get(c) for r in per_seed.values()])
                                                 for c in columns) + " |")
-    lines += ["", "| chosen reward at the end | " + " | ".join(("nca", "dpo", "kto")) + " |", "|---|---|---|---|",
+    lines += ["", "| chosen reward at the end | " + " | ".join(PREFERENCE) + " |", "|---|" + "---|" * len(PREFERENCE),
               "| mean ± sd | " + " | ".join(mean_sd([r["chosen_reward"][s] for r in per_seed.values()], percent=False)
-                                          for s in ("nca", "dpo", "kto")) + " |",
+                                          for s in PREFERENCE) + " |",
               "", f"turn-2+ share of the pairs: {mean_sd([r['turn2_pair_share'] for r in per_seed.values()])}"]
     table = "\n".join(lines)
     (out / "spread.md").write_text(table + "\n")

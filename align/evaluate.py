@@ -34,7 +34,7 @@ class EvalConfig:
                                             "range": (1, 5)})
     batch_size: int = field(default=32, metadata={"help": "Problems decoded together.", "range": (1, 65536)})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per answer at most.", "range": (1, 1 << 20)})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N problems.", "range": (1, None)})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N problems of each set.", "range": (1, None)})
     critic: str = field(default="observation", metadata={"help": "The critic of the later turns: observation or steps "
                                                          "(the first wrong step, for the built-in addition)."})
     runs: dict = field(default_factory=dict, metadata={"help": "name: stage output folder, for the plots."})
@@ -128,6 +128,10 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
                 raise AlignError(f"{where}: models.{name}: a served model takes no adapter (serve a merged checkpoint)")
     if not isinstance(config.runs, dict) or not all(isinstance(v, str) for v in config.runs.values()):
         raise AlignError(f"{where}: key 'runs' must map names to stage output folders")
+    if not config.problems or not all(isinstance(p, str) and p.strip() for p in config.problems):
+        raise AlignError(f"{where}: key 'problems' is empty (name at least one problem set)")
+    if config.pass_k != [1] and not config.samples:
+        raise AlignError(f"{where}: key 'pass_k' needs 'samples' (how many answers to sample per problem)")
     if not config.pass_k or not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in config.pass_k):
         raise AlignError(f"{where}: key 'pass_k' must be a list of whole numbers of at least 1, got {config.pass_k!r}")
@@ -182,6 +186,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - miss
 
 
+def sample_batches(problems: int, samples: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Batches of at most batch_size samples, each a list of (problem index, first sample, how many).
+    Sample j of a problem is drawn with its seed + j (what both backends do within a request), so a
+    problem's samples may span requests and batches and still be the same samples."""
+    batches, batch, rows = [], [], 0
+    for i in range(problems):
+        for first in range(0, samples, batch_size):
+            k = min(batch_size, samples - first)
+            if rows + k > batch_size:
+                batches.append(batch)
+                batch, rows = [], 0
+            batch.append((i, first, k))
+            rows += k
+    return batches + ([batch] if batch else [])
+
+
 def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, progress=None) -> tuple[dict, list[list[dict]]]:
     """`samples` answers per problem at `temperature` / `top_p` (each problem its own seed), all verified:
     pass@k for every k of `pass_k`, overall and per task, and the samples with their verdicts."""
@@ -192,13 +212,13 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
     target = getattr(backend, "backend", backend)  # (a served model's batches wrap its backend)
     greedy_spec = target.spec
     target.spec = replace(greedy_spec, temperature=config.temperature, top_p=config.top_p)
+    texts: list[list[str]] = [[] for _ in problems]
     try:
-        per_request = max(1, config.batch_size // config.samples)
-        texts: list[list[str]] = []
-        for i in range(0, len(problems), per_request):
-            chunk = problems[i:i + per_request]
-            texts += backend.generate_batch([([{"role": "user", "content": p.instruction}], config.samples,
-                                              derive_seed(config.seed, p.id)) for p in chunk])
+        for batch in sample_batches(len(problems), config.samples, config.batch_size):
+            out = backend.generate_batch([([{"role": "user", "content": problems[i].instruction}], k,
+                                           derive_seed(config.seed, problems[i].id) + first) for i, first, k in batch])
+            for (i, _, _), answers in zip(batch, out):
+                texts[i] += answers
             if progress is not None:
                 progress.advance()
     finally:
@@ -211,11 +231,14 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
     out = {"samples": config.samples, "temperature": config.temperature, "top_p": config.top_p}
     for k in config.pass_k:
         out[f"pass@{k}"] = round(sum(pass_at_k(config.samples, c, k) for c in counts) / len(problems), 4)
-    per_task = defaultdict(list)
+    per_task, per_set = defaultdict(list), defaultdict(list)
     for p, c in zip(problems, counts):
         per_task[p.task].append(c)
-    out["per_task"] = {t: {f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4)
-                           for k in config.pass_k} for t, cs in sorted(per_task.items())}
+        per_set[p.source].append(c)
+    for key, groups in (("per_task", per_task), ("per_set", per_set if len(per_set) > 1 else {})):
+        if groups:
+            out[key] = {t: {f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4)
+                            for k in config.pass_k} for t, cs in sorted(groups.items())}
     return out, samples
 
 
@@ -273,7 +296,12 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
     from align.tracking import Trackers
 
     config = parse_eval_config(spec, where)
-    problems = [p for name in config.problems for p in load_problems(name, limit=config.limit)[0]]
+    problems = []
+    for name in config.problems:
+        try:
+            problems += load_problems(name, limit=config.limit)[0]
+        except AlignError as err:
+            raise AlignError(f"{where}: {err}") from None
     if len({p.id for p in problems}) != len(problems):
         raise AlignError(f"{where}: key 'problems': two sets share problem ids (name each set once)")
     turns, batch_size = config.turns, config.batch_size
@@ -284,8 +312,8 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
         batches = -(-len(problems) // batch_size)
-        sample_batches = -(-len(problems) // max(1, batch_size // config.samples)) if config.samples else 0
-        progress = Progress(f"eval {name}", batches + sample_batches, "batch")
+        sampling = len(sample_batches(len(problems), config.samples, batch_size)) if config.samples else 0
+        progress = Progress(f"eval {name}", batches + sampling, "batch")
         backend = make_eval_backend(m, config.max_new_tokens)
         samples = None
         try:
@@ -315,7 +343,7 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
     (output / "results.json").write_text(json.dumps(results, indent=2))
     (output / "results.md").write_text(markdown_table(results) + "\n")
     if config.report_to:
-        trackers = Trackers(config.report_to, config.run_name, output / "runs", {"problems": config.problems})
+        trackers = Trackers(config.report_to, config.run_name, output / "runs", {"problems": ", ".join(config.problems)})
         trackers.log({name: {k: v for k, v in r.items() if k not in ("model", "adapter")}
                       for name, r in results["models"].items()})
         trackers.close()

@@ -281,7 +281,10 @@ class Runner:
         from align.trees.problems import BUILTIN_SETS
 
         for spec in [problems] if isinstance(problems, str) else problems:
-            hub = parse_spec(spec)
+            try:
+                hub = parse_spec(spec)
+            except AlignError as err:
+                raise AlignError(f"{where}: {err}") from None
             if hub is not None:
                 if hub[2] is None:
                     continue  # the set's own Hub repo

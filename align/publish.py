@@ -60,28 +60,34 @@ def _lora_groups(adapter_config: dict) -> list[str]:
 
 def _eval_results(problems, r: dict) -> list:
     """model-index entries of one evaluated model: pass@1 per problem set (a standard set under its Hub
-    repo), pass@k-turns and the sampled pass@k."""
+    repo), pass@k-turns and the sampled pass@k. Metadata names no local path: a set read from a local
+    mirror (`mbpp@/data/mbpp.parquet`) is named by the set, a problems file by its file name only."""
     from huggingface_hub import EvalResult
 
     from align.trees.hub_sets import HUB_SETS, parse_spec
 
-    label = problems if isinstance(problems, str) else ", ".join(map(str, problems))
+    names = [problems] if isinstance(problems, str) else [str(p) for p in problems]
 
     def dataset(name: str) -> tuple[str, str]:
         hub = parse_spec(name) if name != "humaneval" else ("humaneval", None, None)
         if hub is not None:
-            return HUB_SETS[hub[0]].repo, name
-        return name.split(":")[0], name
+            return HUB_SETS[hub[0]].repo, hub[0] + (f":{hub[1]}" if hub[1] else "")
+        short = Path(name).name if is_local(name) else name
+        return short.split(":")[0], short
 
     def entry(name: str, metric: str, value: float):
         dataset_type, dataset_name = dataset(name)
         return EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name,
                           metric_type=metric, metric_value=value)
 
-    out = [entry(s, "pass@1", v["pass@1"]) for s, v in r["per_set"].items()] if r.get("per_set") else [
-        entry(label, "pass@1", r["pass@1"])]
-    out += [entry(label, f"pass@{k}-turns", v) for k, v in r.get("pass@turns", {}).items() if k != "1"]
-    out += [entry(label, f"{k} (sampled)", v) for k, v in r.get("sampled", {}).items() if k.startswith("pass@")]
+    if r.get("per_set"):  # several sets: each under its own name (the set's source, as the problems carry it)
+        out = [entry(s, "pass@1", v["pass@1"]) for s, v in r["per_set"].items()]
+        out += [entry(s, f"{k} (sampled)", v) for s, ks in r.get("sampled", {}).get("per_set", {}).items()
+                for k, v in ks.items()]
+        return out  # (pass@k-turns is over the sets together: not one dataset's figure)
+    out = [entry(names[0], "pass@1", r["pass@1"])]
+    out += [entry(names[0], f"pass@{k}-turns", v) for k, v in r.get("pass@turns", {}).items() if k != "1"]
+    out += [entry(names[0], f"{k} (sampled)", v) for k, v in r.get("sampled", {}).items() if k.startswith("pass@")]
     return out
 
 
@@ -125,7 +131,8 @@ def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merge
              "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
              "- recipe: the fully resolved configuration is in `align_config.yaml`", ""]
     if eval_results:
-        lines += ["## Evaluation (pass@1, greedy)", "", markdown_table(eval_results).strip(), ""]
+        lines += ["## Evaluation", "", "pass@1 with greedy decoding (and, where the eval ran them, pass@k over "
+                  "feedback turns and sampled pass@k)", "", markdown_table(eval_results).strip(), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots] + [""]
     lines += ["## Intended use and limitations", "",

@@ -37,6 +37,7 @@ class Trackers:
         self.trackers = []
         for name in names:
             cls = _known()[name]
+            tracker = None
             try:
                 tracker = cls(run_name, logging_dir=str(logging_dir)) if name == "tensorboard" else cls(run_name)
                 tracker.start()
@@ -44,6 +45,11 @@ class Trackers:
                     tracker.store_init_configuration(_flat(config, numbers_only=False))
                 self.trackers.append(tracker)
             except Exception as err:  # a tracker's own failure (a server, a login) must not end the stage
+                try:
+                    if tracker is not None:
+                        tracker.finish()
+                except Exception:
+                    pass
                 print(f"[align] WARNING: report_to {name}: could not start ({type(err).__name__}: {err})",
                       file=sys.stderr, flush=True)
 

@@ -49,11 +49,15 @@ def test_gsm8k_and_math500_from_their_columns(tmp_path):
     assert not verify(p, "\\boxed{5}").correct
 
 
-def test_mbpp_and_humaneval_from_their_columns(tmp_path):
-    import pandas as pd
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    from datasets import Dataset
 
-    mbpp = tmp_path / "mbpp.parquet"
-    pd.DataFrame(MBPP_ROWS).to_parquet(mbpp)
+    Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def test_mbpp_and_humaneval_from_their_columns(tmp_path):
+    mbpp = _parquet(tmp_path / "mbpp.parquet", MBPP_ROWS)
     problems, _ = load_problems(f"mbpp@{mbpp}")
     assert [p.entry_point for p in problems] == ["remove_Occ", "area"] and problems[0].id == "mbpp_11"
     assert 'remove_Occ("hello","l")' in problems[0].prompt  # the tests show the function's name
@@ -69,11 +73,16 @@ def test_mbpp_and_humaneval_from_their_columns(tmp_path):
 
     rows = [{"task_id": k, **{c: v[c] for c in ("prompt", "canonical_solution", "test", "entry_point")}}
             for k, v in itertools.islice(read_problems().items(), 3)]
-    hub = tmp_path / "openai_humaneval.parquet"
-    pd.DataFrame(rows).to_parquet(hub)
-    problems, _ = load_problems(f"humaneval@{hub}")
+    hub = _parquet(tmp_path / "openai_humaneval.parquet", rows)
     builtin, _ = load_problems("humaneval")
-    assert [(p.id, p.prompt, p.tests) for p in problems] == [(p.id, p.prompt, p.tests) for p in builtin[:3]]
+    for spec in (f"humaneval@{hub}", f"humaneval:test@{hub}"):
+        problems, _ = load_problems(spec)
+        assert [(p.id, p.prompt, p.tests) for p in problems] == [(p.id, p.prompt, p.tests) for p in builtin[:3]]
+
+    setup = [{"task_id": 7, "prompt": "Double it.", "test_list": ["assert double(helper(2)) == 4"],
+              "test_setup_code": "def helper(x):\n    return x\n"}]  # setup code of several lines keeps its indent
+    (p,), _ = load_problems(f"mbpp@{_jsonl(tmp_path / 'setup.jsonl', setup)}")
+    assert verify_code(p, "```python\ndef double(x):\n    return 2 * x\n```").correct
 
 
 @pytest.mark.parametrize("rows, spec, message", [
@@ -178,3 +187,85 @@ def test_eval_trackers_are_checked_before_any_model_loads(tmp_path, monkeypatch,
 def test_pass_k_needs_enough_samples(tmp_path):
     with pytest.raises(AlignError, match="k=5 needs at least that many samples"):
         run_eval({"problems": "addition:4", "models": {"m": {"model": "x"}}, "samples": 2, "pass_k": [1, 5]}, tmp_path)
+
+
+def test_several_sets_are_scored_apart_and_named_in_the_model_index(tmp_path, monkeypatch):
+    from align.publish import _eval_results
+
+    gsm = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": f"What is {a}+1", "answer": f"#### {a + 1}"} for a in range(4)])
+    mine = _jsonl(tmp_path / "mine.jsonl", [{"id": f"p{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1)}
+                                            for a in range(2)])
+    sampler = _Sampler()
+    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
+    spec = {"problems": [f"gsm8k@{gsm}", mine], "models": {"m": {"model": "x"}}, "samples": 3, "pass_k": [1],
+            "batch_size": 2}
+    results = run_eval(spec, tmp_path / "out")
+    r = results["models"]["m"]
+    assert r["n"] == 6 and set(r["per_set"]) == {"gsm8k", "user"} and set(r["sampled"]["per_set"]) == {"gsm8k", "user"}
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers_m.jsonl").read_text().splitlines()]
+    mine_counts = [sum(x["correct"] for x in a["samples"]) for a in answers if a["problem_id"].startswith("p")]
+    assert r["sampled"]["per_set"]["user"]["pass@1"] == round(sum(c / 3 for c in mine_counts) / 2, 4)
+    assert all(len(a["samples"]) == 3 for a in answers)  # 3 samples each, from requests of at most 2
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "gsm8k pass@1" in table and "user pass@1" in table
+    assert max(sum(n for n, _, t in [req]) for req in sampler.requests if req[2] > 0) <= 2  # rows per request
+    entries = _eval_results(results["problems"], r)
+    assert {e.dataset_type for e in entries} == {"openai/gsm8k", "user"}
+    assert not any(str(tmp_path) in (e.dataset_name or "") + e.dataset_type for e in entries)  # no local path
+    with pytest.raises(AlignError, match="share problem ids"):
+        run_eval({**spec, "problems": [mine, mine]}, tmp_path / "again")
+
+
+def test_samples_split_across_batches_are_the_same_samples():
+    from align.evaluate import sample_batches
+
+    batches = sample_batches(3, 5, 2)
+    assert all(sum(k for _, _, k in b) <= 2 for b in batches)
+    drawn = sorted((i, first + j) for b in batches for i, first, k in b for j in range(k))
+    assert drawn == [(i, j) for i in range(3) for j in range(5)]  # every sample once, by its own seed offset
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"problems": []}, "key 'problems' is empty"),
+    ({"problems": "addition:4", "pass_k": [1, 5]}, "key 'pass_k' needs 'samples'"),
+    ({"problems": "gsm8k@"}, "eval.yaml: problems: 'gsm8k@': nothing after '@'"),
+    ({"problems": "mbpp@./no/such.jsonl"}, "eval.yaml: dataset ./no/such.jsonl: file or folder not found"),
+])
+def test_eval_settings_that_are_wrong_name_the_file(tmp_path, monkeypatch, spec, message):
+    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(AlignError, match=re.escape(message)):
+        run_eval({"models": {"m": {"model": "x"}}, **spec}, tmp_path, "eval.yaml")
+
+
+def test_a_tracker_that_fails_to_start_is_a_warning_and_is_closed(monkeypatch, capsys, tmp_path):
+    import accelerate.tracking
+
+    from align.tracking import Trackers
+
+    finished = []
+
+    class Broken(accelerate.tracking.GeneralTracker):
+        name, requires_logging_directory = "broken", False
+
+        def __init__(self, run_name, **kwargs):
+            super().__init__()
+
+        def start(self):
+            pass
+
+        def store_init_configuration(self, values):
+            raise ConnectionError("no server")
+
+        def finish(self):
+            finished.append(True)
+
+        @property
+        def tracker(self):
+            return None
+
+    monkeypatch.setitem(accelerate.tracking.LOGGER_TYPE_TO_CLASS, "broken", Broken)
+    trackers = Trackers(["broken"], "run", tmp_path, {"problems": "x"})
+    trackers.log({"a": 1})
+    trackers.close()
+    assert trackers.trackers == [] and finished == [True]
+    assert "report_to broken: could not start (ConnectionError: no server)" in capsys.readouterr().err

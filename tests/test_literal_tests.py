@@ -140,7 +140,7 @@ def test_the_candidate_gets_one_call_at_a_time():
         os.write(2, repr(seen.count(b"call")).encode())
         raise SystemExit(0)
     """)
-    outcome = sandbox.run_tests_isolated(code, tests, "f")
+    outcome = sandbox.run_tests_isolated(code, tests, "f", limits=SandboxLimits(timeout_s=2))
     assert not outcome.passed and outcome.candidate.stderr == "1"  # only the first call was there to read
     honest = "def f(s):\n    return s[::-1]\n"
     assert sandbox.run_tests_isolated(honest, tests, "f").passed
@@ -199,3 +199,17 @@ def test_a_reply_too_costly_to_judge_here_goes_to_the_tests_own_process(monkeypa
     judge = Judge(plan(_check("assert len(set(candidate(1))) == 1"), "f"))
     assert judge.add(["ok", ["l", [["i", hex(i)] for i in range(literal_tests.MAX_HASHED + 1)]], [None]])
     assert judge.undecided and judge.verdict is None
+
+
+def test_what_a_passing_candidate_prints_is_its_observation_on_both_paths(monkeypatch):
+    tests, code = _check("assert candidate(1) == 2"), "def f(x):\n    print('debug', x)\n    return x + 1\n"
+    literal = sandbox.run_tests_isolated(code, tests, "f")
+    monkeypatch.setattr(literal_tests, "plan", lambda *args: None)
+    split = sandbox.run_tests_isolated(code, tests, "f")
+    assert literal.passed and split.passed and literal.observation == split.observation == "debug 1"
+
+
+def test_sum_with_a_list_start_and_sets_of_tuples_are_not_judged_here():
+    assert plan(_check("assert sum(candidate(1), []) == []"), "f") is None  # quadratic list concatenation
+    judge = Judge(plan(_check("assert len(set(candidate(1))) == 1"), "f"))
+    assert judge.add(["ok", ["l", [["t", [["N"]] * 3]] * 10], [None]]) and judge.undecided

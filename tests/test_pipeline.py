@@ -274,6 +274,10 @@ def test_check_finds_a_typo_in_the_last_stage_before_anything_runs(tmp_path):
        "set": {"actor": {"temperatur": 1}}}], [], "did you mean 'temperature'"),
     ([{"name": "e", "kind": "eval", "problems": "./nope.jsonl", "models": {"m": {"model": "tiny-mixtral"}}}], [],
      "problems ./nope.jsonl not found"),
+    ([{"name": "e", "kind": "eval", "problems": ["addition:4", "mbpp@./nope.parquet"],
+       "models": {"m": {"model": "tiny-mixtral"}}}], [], "problems ./nope.parquet not found"),
+    ([{"name": "e", "kind": "eval", "problems": ["gsm8k", "math500@"], "models": {"m": {"model": "tiny-mixtral"}}}], [],
+     r"stages\[0\] \(e\): problems: 'math500@': nothing after '@'"),
 ])
 def test_check_names_the_stage_and_key(tmp_path, stages, flags, message):
     from align.pipeline import main

@@ -129,11 +129,27 @@ def decode(tree, depth=0):
     raise ProtocolError("unknown tag %r" % (tag,))
 
 
-def send(fd, message):
+def frame(message):
+    """A message as it crosses: its JSON's length (4 bytes, big-endian), then the JSON."""
     data = json.dumps(message, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    data = struct.pack(">I", len(data)) + data
+    return struct.pack(">I", len(data)) + data
+
+
+def send(fd, message):
+    data = frame(message)
     while data:
         data = data[os.write(fd, data):]
+
+
+def _reply(fd, message):
+    """The candidate side's answer to a call; what the call printed is flushed first, so a verdict that
+    comes with this reply (and the kill of the run after it) finds the output written."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    send(fd, message)
 
 
 def _read_exactly(fd, n):
@@ -194,7 +210,7 @@ def serve(code, entry_point):
             args = decode(message[1])
             kwargs = decode(message[2])
         except ProtocolError as err:
-            send(reply_fd, ["error", str(err)])
+            _reply(reply_fd, ["error", str(err)])
             continue
         if failure is not None:
             err = failure
@@ -208,14 +224,14 @@ def serve(code, entry_point):
             else:
                 err = None
         if err is not None:
-            send(reply_fd, ["raise", type(err).__name__, str(err)[:2000], format_exception(err, {SOLUTION_FILE})[-4000:]])
+            _reply(reply_fd, ["raise", type(err).__name__, str(err)[:2000], format_exception(err, {SOLUTION_FILE})[-4000:]])
             continue
         try:
             reply = ["ok", encode(result), [encode(a) if type(a) in (list, dict, set) else None for a in args]]
         except (Unencodable, RecursionError) as bad:
-            send(reply_fd, ["unencodable", str(bad)])
+            _reply(reply_fd, ["unencodable", str(bad)])
             continue
-        send(reply_fd, reply)
+        _reply(reply_fd, reply)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,8 +82,9 @@ def _mbpp(row: dict, index: int, split: str, where: str) -> Problem:
         setup = [setup]
     setup_code = row.get("test_setup_code") if isinstance(row.get("test_setup_code"), str) else ""
     entry = _called_function(tests[0], where)
-    body = [line for line in [*setup, *setup_code.splitlines(), *tests] if line.strip()]
-    check = "def check(candidate):\n" + "".join(f"    {line.strip()}\n" for line in body)
+    lines = [line.strip() for line in [*setup, *tests] if line.strip()]
+    check = ("def check(candidate):\n" + textwrap.indent(textwrap.dedent(setup_code).strip("\n") + "\n", "    ")
+             if setup_code.strip() else "def check(candidate):\n") + "".join(f"    {line}\n" for line in lines)
     prompt = f"{description.strip()}\nYour code should pass these tests:\n```python\n" + "\n".join(tests) + "\n```"
     problem = Problem(id=f"mbpp_{row.get('task_id', index)}", task="code", source="mbpp", prompt=prompt,
                       tests=check, entry_point=entry)

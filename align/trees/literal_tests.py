@@ -173,7 +173,7 @@ class _Planner:
             if len(self.calls) > _MAX_CALLS:
                 raise NotLiteral("too many calls")
             asserts.append(entry)
-        frames = [_frame(["call", _harness.encode(list(args)), _harness.encode(dict(kwargs))])
+        frames = [_harness.frame(["call", _harness.encode(list(args)), _harness.encode(dict(kwargs))])
                   for args, kwargs in self.calls]
         if any(len(f) > _MAX_CALL_BYTES for f in frames):
             raise NotLiteral("a call too big")
@@ -249,6 +249,9 @@ class _Planner:
             return
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
                 and node.func.id not in self.shadowed and not node.keywords):
+            if node.func.id == "sum" and len(node.args) > 1 and not (
+                    isinstance(node.args[1], ast.Constant) and type(node.args[1].value) in (int, float)):
+                raise NotLiteral("sum() with a start that may be a list (quadratic)")
             for a in node.args:
                 if isinstance(a, ast.Starred):
                     raise NotLiteral("starred")
@@ -306,11 +309,6 @@ def _count_values(value, limit: int) -> int:
             stack.extend(item.keys())
             stack.extend(item.values())
     return count
-
-
-def _frame(message) -> bytes:
-    data = json.dumps(message, separators=(",", ":")).encode("utf-8", "surrogatepass")
-    return struct.pack(">I", len(data)) + data
 
 
 def _bounded_mult(a, b):
@@ -408,6 +406,9 @@ def evaluate(node, results: list, allowed=lambda name: True):
         if name in _EXPANDING and args and len(args[0]) > MAX_HASHED and (
                 name in ("set", "frozenset") or type(args[0]) in (str, bytes)):
             raise Undecided(f"{name}() of {len(args[0])} elements")  # hashing, or an object per character
+        if name in ("set", "frozenset") and args and type(args[0]) is not str and any(
+                type(e) not in (int, float, bool, str, bytes, complex, type(None)) for e in args[0]):
+            raise Undecided(f"{name}() of elements that are not scalars")  # (colliding tuples, compared in full)
         return _FUNCTIONS[name](*args)
     raise NotLiteral(type(node).__name__)
 
@@ -502,7 +503,7 @@ class Judge:
             self.results.append(_Raised(reply[1], reply[2], reply[3]))
         elif kind == "unencodable" and len(reply) == 2 and type(reply[1]) is str:
             self.results.append(_Raised("CandidateFailure", f"the candidate returned {reply[1][:200]}, "
-                                        "not a built-in value", ""))
+                                        "not a built-in value", ""))  # (the same words as _harness.run_tests)
         elif kind == "error" and len(reply) == 2:
             return self._fail("The program broke the test protocol (it could not read a call).")
         else:

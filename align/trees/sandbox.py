@@ -559,7 +559,8 @@ def _run(children: list[_ChildSpec], limits: SandboxLimits, pipes: int = 0, prim
                 os.mkfifo(calls, 0o600)
                 os.mkfifo(replies, 0o600)
                 # (ours open first, so the child's opens never wait: O_RDWR is a writer the child's read end finds)
-                streams = (os.open(calls, os.O_RDWR | os.O_NONBLOCK), os.open(replies, os.O_RDONLY | os.O_NONBLOCK))
+                streams = (os.open(calls, os.O_RDWR | os.O_NONBLOCK),)  # (one at a time: closed in `finally`)
+                streams += (os.open(replies, os.O_RDONLY | os.O_NONBLOCK),)
                 read_fds[str(spec.judge_fds[0])], write_fds[str(spec.judge_fds[1])] = calls, replies
             requests.append({"read_fds": read_fds, "write_fds": write_fds,
                              "workdir": workdir, "program": program, "filename": spec.filename, **paths,

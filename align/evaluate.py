@@ -148,21 +148,26 @@ def score(problems: list[Problem], responses: list[str], limits: SandboxLimits |
     """pass@1 overall and per task for one model's answers (one answer per problem, same order)."""
     if len(problems) != len(responses):
         raise ValueError("one response per problem")
-    per_task, per_set = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
     verdicts = [verify(p, r, limits) for p, r in zip(problems, responses)]
-    for p, v in zip(problems, verdicts):
-        for group in (per_task[p.task], per_set[p.source]):
-            group[0] += v.correct
-            group[1] += 1
-    correct = sum(v.correct for v in verdicts)
-    out = {
-        "pass@1": round(correct / len(problems), 4) if problems else 0.0,
+    correct = [v.correct for v in verdicts]
+    return {
+        "pass@1": round(sum(correct) / len(problems), 4) if problems else 0.0,
         "n": len(problems),
-        "per_task": {t: {"pass@1": round(c / n, 4), "n": n} for t, (c, n) in sorted(per_task.items())},
-        "correct": [v.correct for v in verdicts],
+        **_grouped(problems, correct, lambda cs: {"pass@1": round(sum(cs) / len(cs), 4), "n": len(cs)}),
+        "correct": correct,
     }
-    if len(per_set) > 1:  # several sets (gsm8k and math500 are both math): each apart
-        out["per_set"] = {s: {"pass@1": round(c / n, 4), "n": n} for s, (c, n) in sorted(per_set.items())}
+
+
+def _grouped(problems: list[Problem], values: list, summarize) -> dict:
+    """`summarize` of the values per task ("per_task") and, with several sets (gsm8k and math500 are both
+    math), per set ("per_set", by the problems' source)."""
+    out = {}
+    for key, attribute in (("per_task", "task"), ("per_set", "source")):
+        groups = defaultdict(list)
+        for p, v in zip(problems, values):
+            groups[getattr(p, attribute)].append(v)
+        if key == "per_task" or len(groups) > 1:
+            out[key] = {name: summarize(vs) for name, vs in sorted(groups.items())}
     return out
 
 
@@ -231,14 +236,8 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
     out = {"samples": config.samples, "temperature": config.temperature, "top_p": config.top_p}
     for k in config.pass_k:
         out[f"pass@{k}"] = round(sum(pass_at_k(config.samples, c, k) for c in counts) / len(problems), 4)
-    per_task, per_set = defaultdict(list), defaultdict(list)
-    for p, c in zip(problems, counts):
-        per_task[p.task].append(c)
-        per_set[p.source].append(c)
-    for key, groups in (("per_task", per_task), ("per_set", per_set if len(per_set) > 1 else {})):
-        if groups:
-            out[key] = {t: {f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4)
-                            for k in config.pass_k} for t, cs in sorted(groups.items())}
+    out.update(_grouped(problems, counts, lambda cs: {
+        f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4) for k in config.pass_k}))
     return out, samples
 
 

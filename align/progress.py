@@ -75,12 +75,6 @@ class Progress:
             self._write()
         self.bar.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def describe(state: dict) -> str:
     """One line: `trees 1200/3000 40% 12.3 tree/s ETA 2m26s pairs=800`."""

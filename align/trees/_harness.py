@@ -163,14 +163,24 @@ def _read_exactly(fd, n):
     return b"".join(chunks)
 
 
-def receive(fd):
-    (size,) = struct.unpack(">I", _read_exactly(fd, 4))
+def frame_size(header):
+    """The length a frame's 4-byte header announces; a ProtocolError past MAX_MESSAGE."""
+    (size,) = struct.unpack(">I", header)
     if size > MAX_MESSAGE:
         raise ProtocolError("a message of %d bytes" % size)
+    return size
+
+
+def parse_frame(body):
+    """The message of a frame's body; a ProtocolError when it is not JSON."""
     try:
-        return json.loads(_read_exactly(fd, size).decode("utf-8", "surrogatepass"))
+        return json.loads(body.decode("utf-8", "surrogatepass"))
     except (ValueError, RecursionError) as err:
         raise ProtocolError("not JSON (%s)" % err) from None
+
+
+def receive(fd):
+    return parse_frame(_read_exactly(fd, frame_size(_read_exactly(fd, 4))))
 
 
 def _register_source(filename, source):

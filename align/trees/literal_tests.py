@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
-import struct
 import sys
 import threading
 import warnings
@@ -465,17 +463,14 @@ class Judge:
             return self._undecided()
         self._buffer += data
         while len(self._buffer) >= 4:
-            (size,) = struct.unpack(">I", self._buffer[:4])
-            if size > _harness.MAX_MESSAGE:
-                return self._fail("The program broke the test protocol (a message of %d bytes)." % size)
-            if len(self._buffer) < 4 + size:
-                break
-            raw = bytes(self._buffer[4:4 + size])
-            del self._buffer[:4 + size]
             try:
-                reply = json.loads(raw.decode("utf-8", "surrogatepass"))
-            except (ValueError, RecursionError):
-                return self._fail("The program broke the test protocol (not JSON).")
+                size = _harness.frame_size(bytes(self._buffer[:4]))
+                if len(self._buffer) < 4 + size:
+                    break
+                reply = _harness.parse_frame(bytes(self._buffer[4:4 + size]))
+            except _harness.ProtocolError as err:
+                return self._fail(f"The program broke the test protocol ({str(err).split(' (')[0]}).")
+            del self._buffer[:4 + size]
             if self.add(reply):
                 return True
         return False

@@ -138,6 +138,12 @@ def run_stage(stage: str, argv: list[str]):
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
+    cut = truncation_report(len(dataset), trainer.train_dataset, getattr(args, "max_length", None))
+    if cut and hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0:
+        raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {args.max_length}, "
+                         f"which leaves none of the {len(dataset)} rows a completion token to train on")
+    if cut and trainer.is_world_process_zero():
+        print(f"[align] {stage}: warning: {cut}", flush=True)
     if getattr(trainer, "is_fsdp_enabled", False):
         trainer.add_callback(shard_report(stage))
     fused = apply_moe_lora_backend(trainer.model, model_args.moe_lora_backend)
@@ -154,6 +160,29 @@ def run_stage(stage: str, argv: list[str]):
     trainer.train(resume_from_checkpoint=resume)
     save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)
     return trainer
+
+
+def truncation_report(rows_in: int, prepared, max_length: int | None) -> str | None:
+    """What max_length did to the rows, which TRL does without a word: it cuts every row at max_length and
+    drops those left without a completion token. None when it did nothing."""
+    if max_length is None or prepared is None or not hasattr(prepared, "column_names"):
+        return None
+    columns = prepared.column_names
+    lengths, longer = [], 0
+    if "input_ids" in columns:  # SFT: already cut, so a row at max_length may have been longer
+        lengths, longer = [len(ids) for ids in prepared["input_ids"]], 1
+    elif "prompt_ids" in columns:  # preference rows, cut per batch: the prompt, then its longest completion
+        answers = [prepared[c] for c in columns if c.endswith("_ids") and c != "prompt_ids" and not c.startswith("KL_")]
+        lengths = [len(p) + max((len(a[i]) for a in answers), default=0) for i, p in enumerate(prepared["prompt_ids"])]
+    cut = sum(n + longer > max_length for n in lengths)
+    dropped = rows_in - len(prepared)
+    said = []
+    if dropped > 0:
+        said.append(f"max_length {max_length} leaves {dropped} of {rows_in} rows without a completion token, "
+                    "so they are not trained on")
+    if cut:
+        said.append(f"{cut} of the {len(prepared)} rows left reach max_length {max_length} (cut there if longer)")
+    return "; ".join(said) + " (raise max_length to keep them whole)" if said else None
 
 
 def progress_callback(stage: str):

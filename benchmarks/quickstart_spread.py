@@ -110,7 +110,12 @@ def main() -> None:
     lines += ["", "| chosen reward at the end | " + " | ".join(PREFERENCE) + " |", "|---|" + "---|" * len(PREFERENCE),
               "| mean ± sd | " + " | ".join(mean_sd([r["chosen_reward"][s] for r in per_seed.values()], percent=False)
                                           for s in PREFERENCE) + " |",
-              "", f"turn-2+ share of the pairs: {mean_sd([r['turn2_pair_share'] for r in per_seed.values()])}"]
+              "", f"turn-2+ share of the pairs: {mean_sd([r['turn2_pair_share'] for r in per_seed.values()])}",
+              "", "| pass@1 minus SFT's, per seed | mean ± sd |", "|---|---|"]
+    for name in models:
+        if name not in ("sft", "base"):
+            lines.append(f"| {name} | " + mean_sd([r["models"][name]["pass@1"] - r["models"]["sft"]["pass@1"]
+                                                   for r in per_seed.values()]) + " |")
     table = "\n".join(lines)
     (out / "spread.md").write_text(table + "\n")
     print(table)

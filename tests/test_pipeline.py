@@ -382,7 +382,7 @@ def test_the_eval_set_is_500_distinct_problems_apart_from_every_training_row_and
     heldout = load_problems("addition:500:999:2:heldout")[0]
     assert len({pair(p.prompt) for p in heldout}) == 500  # distinct, and no two are twins
     trees = {pair(p.prompt) for p in load_problems("addition:3000:7:2:train")[0]}
-    boot = {pair(r["prompt"][0]["content"]) for r in addition_sft_rows(12800, 12345, [2, 3], feedback=0.2, critic="steps")}
+    boot = {pair(r["prompt"][0]["content"]) for r in addition_sft_rows(12800, 12345, [2, 3])}
     assert not {pair(p.prompt) for p in heldout} & (trees | boot)
     with pytest.raises(AlignError, match="only 656 distinct held-out pairs"):
         load_problems("addition:700:1:2:heldout")
@@ -398,6 +398,7 @@ def test_the_step_critic_names_the_first_wrong_step_without_the_answer():
         "7+8=15\n5+6+1=13\nAnswer: 135": "Step 2 is wrong: 5+6+1 is not 13.",
         "7+8=15\n5+6=11\nAnswer: 115": "Step 2 carries 0, but the step before it carries 1.",
         "7+9=16\n5+6+1=12\nAnswer: 126": "Step 1 adds the wrong digits: the units digits are 7 and 8.",
+        "7+8+1=16\n5+6+1=12\nAnswer: 126": "Step 1 adds a carry, but no step comes before it.",
         "7+8=15\nAnswer: 15": "Step 2 is missing: add the tens digits too.",
         "7+8=15\n5+6+1=12\nAnswer: 124": "The steps are right, but the answer does not follow from them",
     }
@@ -433,3 +434,21 @@ def test_model_card_metadata_model_index_and_no_local_paths_pushed(sft_output, t
     assert not pushed
     assert main(["publish", str(sft_output), "--repo-id", "me/tiny", "--output", str(tmp_path / "hub3"),
                  "--base-repo-id", "me/tiny-base"]) == 0 and pushed == ["me/tiny"]
+
+
+def test_turn2_probe_runs_on_the_char_model(capsys, monkeypatch):
+    """`python benchmarks/turn2_probe.py MODEL_DIR` (the README's reason turn 2 stays empty) on the untrained
+    char model: one line, each placement's pass@1 a rate over the problems asked for."""
+    import importlib.util
+    import sys
+
+    from align.models import resolve_model_path
+
+    spec = importlib.util.spec_from_file_location("turn2_probe", REPO / "benchmarks" / "turn2_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    monkeypatch.setattr(sys, "argv", ["turn2_probe.py", resolve_model_path("tiny-mixtral-char"), "--problems", "3"])
+    probe.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["problems"] == 3 and set(result["pass@1"]) == {"first", "after_a_turn", "after_words"}
+    assert all(rate in (0, 1 / 3, 2 / 3, 1) for rate in result["pass@1"].values())

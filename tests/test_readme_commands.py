@@ -163,7 +163,7 @@ def smoke_accelerate_config(tmp_path, capsys, trees_dir, sft_output):
 
 def smoke_run_check(tmp_path, capsys, trees_dir, sft_output):
     out = _cli(["run", REPO / "recipes" / "quickstart" / "pipeline.yaml", "--check"], capsys)
-    assert out.strip().endswith("12 stages check out")
+    assert out.strip().endswith("13 stages check out")
 
 
 SMOKE = {name[len("smoke_"):].replace("_", " "): fn for name, fn in dict(globals()).items() if name.startswith("smoke_")}

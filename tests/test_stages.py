@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import logits_of, stage_args
+from conftest import REPO, logits_of, stage_args
 
 
 def _base_model():
@@ -124,3 +124,48 @@ def test_merged_model_is_written(tmp_path):
     adapted = logits_of(PeftModel.from_pretrained(_base_model(), str(tmp_path)))
     torch.testing.assert_close(logits_of(merged), adapted, rtol=1e-4, atol=1e-4)
     assert (adapted - logits_of(_base_model())).abs().max() > 1e-3  # the adapter moved it: a wrong merge would show
+
+
+def test_truncation_report_counts_cut_and_dropped_rows():
+    from datasets import Dataset
+
+    from align.training import truncation_report
+
+    sft = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 8, [1] * 8, [1] * 3]})
+    assert truncation_report(4, sft, 8) == ("2 of the 4 rows left reach max_length 8 (cut there if longer) "
+                                            "(raise max_length to keep them whole)")
+    assert truncation_report(6, sft, 8).startswith("max_length 8 leaves 2 of 6 rows without a completion token")
+    assert truncation_report(4, sft, 9) is None and truncation_report(4, sft, None) is None
+    pairs = Dataset.from_dict({"prompt_ids": [[1] * 4, [1] * 2], "chosen_ids": [[1] * 3, [1] * 2],
+                               "rejected_ids": [[1] * 5, [1]]})
+    assert truncation_report(2, pairs, 8).startswith("1 of the 2 rows left reach max_length 8")  # 4 + 5 > 8
+    assert truncation_report(2, pairs, 9) is None
+
+
+def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
+    """TRL cuts rows at max_length and drops those left without a completion token, silently; the stage says
+    so, and refuses a max_length that leaves no row at all."""
+    import yaml
+
+    from align.errors import AlignError
+    from align.sft.train import main
+
+    long_prompt = " ".join(["seven plus eight"] * 30)
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": "15"}]}
+            for p in ["7+8", "1+2", "3+4", long_prompt, long_prompt]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny-mixtral" / "sft.yaml").read_text())
+    recipe["datasets"] = [{"path": str(tmp_path / "rows.jsonl")}]
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
+
+    def run(max_length: int, out: str):
+        main(["--config", str(tmp_path / "sft.yaml"), "--output_dir", str(tmp_path / out), "--max_steps", "1",
+              "--max_length", str(max_length)])
+        return [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
+
+    said = run(60, "short")
+    assert said == ["[align] sft: warning: max_length 60 leaves 2 of 5 rows without a completion token, so they are "
+                    "not trained on (raise max_length to keep them whole)"], said
+    assert run(2048, "long") == []
+    with pytest.raises(AlignError, match="key 'max_length' is 8, which leaves none of the 5 rows"):
+        run(8, "none")

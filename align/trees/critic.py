@@ -67,8 +67,8 @@ def step_critique(problem: Problem, action: str) -> str:
         if {gx, gy} != {x, y}:
             return f"Step {k} adds the wrong digits: the {place} digits are {x} and {y}."
         if gc != c:
-            return (f"Step {k} carries {gc}, but the step before it carries {c}." if c != "0" or gc != "0"
-                    else f"Step {k} adds a carry that the step before it does not make.")
+            return (f"Step {k} carries {gc}, but the step before it carries {c}." if k > 1
+                    else "Step 1 adds a carry, but no step comes before it.")
         if got.group(4) != ref.group(4):
             return f"Step {k} is wrong: {got_lines[k - 1].split('=')[0].strip()} is not {got.group(4)}."
     if len(got_lines) > len(ref_steps):

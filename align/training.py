@@ -139,7 +139,7 @@ def run_stage(stage: str, argv: list[str]):
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
     cut = truncation_report(len(dataset), trainer.train_dataset, getattr(args, "max_length", None))
-    if cut and hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0:
+    if cut and len(trainer.train_dataset) == 0:
         raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {args.max_length}, "
                          f"which leaves none of the {len(dataset)} rows a completion token to train on")
     if cut and trainer.is_world_process_zero():
@@ -165,7 +165,9 @@ def run_stage(stage: str, argv: list[str]):
 def truncation_report(rows_in: int, prepared, max_length: int | None) -> str | None:
     """What max_length did to the rows, which TRL does without a word: it cuts every row at max_length and
     drops those left without a completion token. None when it did nothing."""
-    if max_length is None or prepared is None or not hasattr(prepared, "column_names"):
+    from datasets import Dataset
+
+    if max_length is None or not isinstance(prepared, Dataset):  # a streamed dataset is not counted
         return None
     columns = prepared.column_names
     lengths, longer = [], 0

@@ -451,4 +451,4 @@ def test_turn2_probe_runs_on_the_char_model(capsys, monkeypatch):
     probe.main()
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["problems"] == 3 and set(result["pass@1"]) == {"first", "after_a_turn", "after_words"}
-    assert all(rate in (0, 1 / 3, 2 / 3, 1) for rate in result["pass@1"].values())
+    assert all(rate in {round(k / 3, 4) for k in range(4)} for rate in result["pass@1"].values())  # eval's rounding

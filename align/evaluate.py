@@ -312,8 +312,8 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
             continue
         batches = -(-len(problems) // batch_size)
         sampling = len(sample_batches(len(problems), config.samples, batch_size)) if config.samples else 0
-        progress = Progress(f"eval {name}", batches + sampling, "batch")
         backend = make_eval_backend(m, config.max_new_tokens)
+        progress = Progress(f"eval {name}", batches + sampling, "batch")  # after the load: a failed one leaves no bar
         samples = None
         try:
             responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],

@@ -22,6 +22,10 @@ def check_trackers(report_to, source: str) -> list[str]:
     """`report_to` as a list of tracker names accelerate can log to, each installed; "none" is none."""
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names = [n for n in names if n not in ("none", "", None)]
+    if "all" in names:  # as in transformers: every tracker that is installed
+        from align.extras import TRACKERS, importable
+
+        names = [n for n in sorted(_known()) if n in TRACKERS and importable(*TRACKERS[n][0])]
     check_report_to(names, source)
     for name in names:
         if name not in _known():

@@ -138,11 +138,12 @@ def run_stage(stage: str, argv: list[str]):
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
-    cut = truncation_report(len(dataset), trainer.train_dataset, getattr(args, "max_length", None))
-    if cut and len(trainer.train_dataset) == 0:
-        raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {args.max_length}, "
+    max_length = getattr(args, "max_length", None)
+    if max_length is not None and hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0 < len(dataset):
+        raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {max_length}, "
                          f"which leaves none of the {len(dataset)} rows a completion token to train on")
-    if cut and trainer.is_world_process_zero():
+    cut = truncation_report(len(dataset), trainer.train_dataset, max_length) if trainer.is_world_process_zero() else None
+    if cut:
         print(f"[align] {stage}: warning: {cut}", flush=True)
     if getattr(trainer, "is_fsdp_enabled", False):
         trainer.add_callback(shard_report(stage))

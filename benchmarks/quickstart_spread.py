@@ -114,8 +114,9 @@ def main() -> None:
               "", "| pass@1 minus SFT's, per seed | mean ± sd |", "|---|---|"]
     for name in models:
         if name not in ("sft", "base"):
-            lines.append(f"| {name} | " + mean_sd([r["models"][name]["pass@1"] - r["models"]["sft"]["pass@1"]
-                                                   for r in per_seed.values()]) + " |")
+            gaps = [r["models"][name]["pass@1"] - r["models"]["sft"]["pass@1"] for r in per_seed.values()
+                    if name in r["models"] and "sft" in r["models"]]  # a model eval skipped in a seed counts not
+            lines.append(f"| {name} | {mean_sd(gaps)} |")
     table = "\n".join(lines)
     (out / "spread.md").write_text(table + "\n")
     print(table)

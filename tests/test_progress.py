@@ -100,3 +100,14 @@ def test_trees_and_export_write_progress(tmp_path, monkeypatch):
     export_trees(tmp_path / "trees", tmp_path / "export")
     state = json.loads(path.read_text())
     assert (state["what"], state["done"], state["total"]) == ("export", 9, 9)
+
+
+def test_report_to_all_means_every_installed_tracker():
+    """`report_to: all` (transformers' meaning) on eval and trees: the installed trackers accelerate can log to."""
+    from align.extras import TRACKERS, importable
+    from align.tracking import check_trackers
+
+    names = check_trackers("all", "test")
+    assert "tensorboard" in names  # a dependency of the tests
+    assert all(importable(*TRACKERS[n][0]) for n in names)
+    assert check_trackers(["none"], "test") == []

@@ -142,7 +142,9 @@ def run_stage(stage: str, argv: list[str]):
     if max_length is not None and hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0 < len(dataset):
         raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {max_length}, "
                          f"which leaves none of the {len(dataset)} rows a completion token to train on")
-    cut = truncation_report(len(dataset), trainer.train_dataset, max_length) if trainer.is_world_process_zero() else None
+    cut = (truncation_report(len(dataset), trainer.train_dataset, max_length, getattr(args, "packing_strategy", None)
+                             if getattr(args, "packing", False) else None)
+           if trainer.is_world_process_zero() else None)
     if cut:
         print(f"[align] {stage}: warning: {cut}", flush=True)
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -163,15 +165,24 @@ def run_stage(stage: str, argv: list[str]):
     return trainer
 
 
-def truncation_report(rows_in: int, prepared, max_length: int | None) -> str | None:
+def truncation_report(rows_in: int, prepared, max_length: int | None, packing: str | None = None) -> str | None:
     """What max_length did to the rows, which TRL does without a word: it cuts every row at max_length and
-    drops those left without a completion token. None when it did nothing."""
+    drops those left without a completion token. `packing` is the packing strategy when TRL packed the rows
+    (then nothing is dropped: "bfd" cuts a longer row, "bfd_split" and "wrapped" carry it over, so only bfd
+    is reported). None when it did nothing."""
     from datasets import Dataset
 
     if max_length is None or not isinstance(prepared, Dataset):  # a streamed dataset is not counted
         return None
     columns = prepared.column_names
     lengths, longer = [], 0
+    if packing is not None:  # a row is a bin of several; seq_lengths holds theirs
+        if packing != "bfd" or "seq_lengths" not in columns:
+            return None
+        lengths = [n for bin_lengths in prepared["seq_lengths"] for n in bin_lengths]
+        cut = sum(n >= max_length for n in lengths)
+        return (f"{cut} of the {len(lengths)} rows reach max_length {max_length} (cut there if longer; "
+                "packing_strategy bfd_split carries the rest into another bin)") if cut else None
     if "input_ids" in columns:  # SFT: already cut, so a row at max_length may have been longer
         lengths, longer = [len(ids) for ids in prepared["input_ids"]], 1
     elif "prompt_ids" in columns:  # preference rows, cut per batch: the prompt, then its longest completion

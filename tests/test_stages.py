@@ -140,6 +140,11 @@ def test_truncation_report_counts_cut_and_dropped_rows():
                                "rejected_ids": [[1] * 5, [1]]})
     assert truncation_report(2, pairs, 8).startswith("1 of the 2 rows left reach max_length 8")  # 4 + 5 > 8
     assert truncation_report(2, pairs, 9) is None
+    # packed: 3 rows in 2 bins is not 1 row dropped; under bfd a row of max_length may have been cut
+    packed = Dataset.from_dict({"input_ids": [[1] * 8, [1] * 8], "seq_lengths": [[3, 5], [8]]})
+    assert truncation_report(3, packed, 8, "bfd") == ("1 of the 3 rows reach max_length 8 (cut there if longer; "
+                                                      "packing_strategy bfd_split carries the rest into another bin)")
+    assert truncation_report(3, packed, 9, "bfd") is None and truncation_report(3, packed, 8, "bfd_split") is None
 
 
 def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
@@ -158,14 +163,17 @@ def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
     recipe["datasets"] = [{"path": str(tmp_path / "rows.jsonl")}]
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(recipe))
 
-    def run(max_length: int, out: str):
+    def run(max_length: int, out: str, *more: str):
         main(["--config", str(tmp_path / "sft.yaml"), "--output_dir", str(tmp_path / out), "--max_steps", "1",
-              "--max_length", str(max_length)])
+              "--max_length", str(max_length), *more])
         return [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]
 
     said = run(60, "short")
     assert said == ["[align] sft: warning: max_length 60 leaves 2 of 5 rows without a completion token, so they are "
                     "not trained on (raise max_length to keep them whole)"], said
     assert run(2048, "long") == []
+    said = run(60, "packed", "--packing", "true")  # packed into bins of 60: nothing dropped, two rows cut
+    assert said == ["[align] sft: warning: 2 of the 5 rows reach max_length 60 (cut there if longer; "
+                    "packing_strategy bfd_split carries the rest into another bin)"], said
     with pytest.raises(AlignError, match="key 'max_length' is 8, which leaves none of the 5 rows"):
         run(8, "none")

@@ -144,8 +144,10 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     return config
 
 
-def score(problems: list[Problem], responses: list[str], limits: SandboxLimits | None = None) -> dict:
-    """pass@1 overall and per task for one model's answers (one answer per problem, same order)."""
+def score(problems: list[Problem], responses: list[str], limits: SandboxLimits | None = None,
+          sets: list[str] | None = None) -> dict:
+    """pass@1 overall and per task for one model's answers (one answer per problem, same order); per set
+    too when `sets` (each problem's set as configured) names more than one."""
     if len(problems) != len(responses):
         raise ValueError("one response per problem")
     verdicts = [verify(p, r, limits) for p, r in zip(problems, responses)]
@@ -153,19 +155,19 @@ def score(problems: list[Problem], responses: list[str], limits: SandboxLimits |
     return {
         "pass@1": round(sum(correct) / len(problems), 4) if problems else 0.0,
         "n": len(problems),
-        **_grouped(problems, correct, lambda cs: {"pass@1": round(sum(cs) / len(cs), 4), "n": len(cs)}),
+        **_grouped(problems, correct, lambda cs: {"pass@1": round(sum(cs) / len(cs), 4), "n": len(cs)}, sets),
         "correct": correct,
     }
 
 
-def _grouped(problems: list[Problem], values: list, summarize) -> dict:
+def _grouped(problems: list[Problem], values: list, summarize, sets: list[str] | None = None) -> dict:
     """`summarize` of the values per task ("per_task") and, with several sets (gsm8k and math500 are both
-    math), per set ("per_set", by the problems' source)."""
+    math), per set ("per_set", under each set's name as configured; `sets` holds each problem's)."""
     out = {}
-    for key, attribute in (("per_task", "task"), ("per_set", "source")):
+    for key, labels in (("per_task", [p.task for p in problems]), ("per_set", sets or [])):
         groups = defaultdict(list)
-        for p, v in zip(problems, values):
-            groups[getattr(p, attribute)].append(v)
+        for label, v in zip(labels, values):
+            groups[label].append(v)
         if key == "per_task" or len(groups) > 1:
             out[key] = {name: summarize(vs) for name, vs in sorted(groups.items())}
     return out
@@ -207,9 +209,11 @@ def sample_batches(problems: int, samples: int, batch_size: int) -> list[list[tu
     return batches + ([batch] if batch else [])
 
 
-def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, progress=None) -> tuple[dict, list[list[dict]]]:
+def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, progress=None,
+                      sets: list[str] | None = None) -> tuple[dict, list[list[dict]]]:
     """`samples` answers per problem at `temperature` / `top_p` (each problem its own seed), all verified:
-    pass@k for every k of `pass_k`, overall and per task, and the samples with their verdicts."""
+    pass@k for every k of `pass_k`, overall, per task and per set (`sets`, as in score), and the samples
+    with their verdicts."""
     from dataclasses import replace
 
     from align.trees.builder import derive_seed
@@ -237,7 +241,7 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
     for k in config.pass_k:
         out[f"pass@{k}"] = round(sum(pass_at_k(config.samples, c, k) for c in counts) / len(problems), 4)
     out.update(_grouped(problems, counts, lambda cs: {
-        f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4) for k in config.pass_k}))
+        f"pass@{k}": round(sum(pass_at_k(config.samples, c, k) for c in cs) / len(cs), 4) for k in config.pass_k}, sets))
     return out, samples
 
 
@@ -295,12 +299,14 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
     from align.tracking import Trackers
 
     config = parse_eval_config(spec, where)
-    problems = []
+    problems, sets = [], []
     for name in config.problems:
         try:
-            problems += load_problems(name, limit=config.limit)[0]
+            loaded = load_problems(name, limit=config.limit)[0]
         except AlignError as err:
             raise AlignError(f"{where}: {err}") from None
+        problems += loaded
+        sets += [name] * len(loaded)
     if len({p.id for p in problems}) != len(problems):
         raise AlignError(f"{where}: key 'problems': two sets share problem ids (name each set once)")
     turns, batch_size = config.turns, config.batch_size
@@ -319,7 +325,7 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
             responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],
                                         batch_size, progress)
             progress.note("verifying")
-            scored = score(problems, responses)
+            scored = score(problems, responses, sets=sets)
             correct = scored.pop("correct")
             later = [[] for _ in problems]
             if turns > 1:
@@ -328,7 +334,7 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
                                                          config.critic)
             if config.samples:
                 progress.note(f"{config.samples} samples per problem")
-                scored["sampled"], samples = sampled_pass_at_k(backend, problems, config, progress)
+                scored["sampled"], samples = sampled_pass_at_k(backend, problems, config, progress, sets)
         except BackendError as err:
             raise AlignError(f"{where}: models.{name}: {err}") from None
         finally:

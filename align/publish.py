@@ -80,7 +80,7 @@ def _eval_results(problems, r: dict) -> list:
         return EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name,
                           metric_type=metric, metric_value=value)
 
-    if r.get("per_set"):  # several sets: each under its own name (the set's source, as the problems carry it)
+    if r.get("per_set"):  # several sets: each under its own name, as the eval config named it
         out = [entry(s, "pass@1", v["pass@1"]) for s, v in r["per_set"].items()]
         out += [entry(s, f"{k} (sampled)", v) for s, ks in r.get("sampled", {}).get("per_set", {}).items()
                 for k, v in ks.items()]

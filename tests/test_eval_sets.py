@@ -201,19 +201,36 @@ def test_several_sets_are_scored_apart_and_named_in_the_model_index(tmp_path, mo
             "batch_size": 2}
     results = run_eval(spec, tmp_path / "out")
     r = results["models"]["m"]
-    assert r["n"] == 6 and set(r["per_set"]) == {"gsm8k", "user"} and set(r["sampled"]["per_set"]) == {"gsm8k", "user"}
+    names = {f"gsm8k@{gsm}", str(mine)}  # each set under its name as configured
+    assert r["n"] == 6 and set(r["per_set"]) == names and set(r["sampled"]["per_set"]) == names
     answers = [json.loads(line) for line in (tmp_path / "out" / "answers_m.jsonl").read_text().splitlines()]
     mine_counts = [sum(x["correct"] for x in a["samples"]) for a in answers if a["problem_id"].startswith("p")]
-    assert r["sampled"]["per_set"]["user"]["pass@1"] == round(sum(c / 3 for c in mine_counts) / 2, 4)
+    assert r["sampled"]["per_set"][str(mine)]["pass@1"] == round(sum(c / 3 for c in mine_counts) / 2, 4)
     assert all(len(a["samples"]) == 3 for a in answers)  # 3 samples each, from requests of at most 2
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "gsm8k pass@1" in table and "user pass@1" in table
+    assert f"gsm8k@{gsm} pass@1" in table and f"{mine} pass@1" in table
     assert max(sum(n for n, _, t in [req]) for req in sampler.requests if req[2] > 0) <= 2  # rows per request
     entries = _eval_results(results["problems"], r)
-    assert {e.dataset_type for e in entries} == {"openai/gsm8k", "user"}
+    assert {e.dataset_type for e in entries} == {"openai/gsm8k", "mine.jsonl"}
     assert not any(str(tmp_path) in (e.dataset_name or "") + e.dataset_type for e in entries)  # no local path
     with pytest.raises(AlignError, match="share problem ids"):
         run_eval({**spec, "problems": [mine, mine]}, tmp_path / "again")
+
+
+def test_sets_are_the_configured_ones_not_the_rows_sources(tmp_path, monkeypatch):
+    """Two files whose rows both say source 'user' are two sets; one file of mixed sources is one set."""
+    def rows(prefix, sources):
+        return [{"id": f"{prefix}{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1), "source": src}
+                for a, src in enumerate(sources)]
+
+    one = _jsonl(tmp_path / "one.jsonl", rows("a", ["user", "user"]))
+    two = _jsonl(tmp_path / "two.jsonl", rows("b", ["user", "user", "user"]))
+    mixed = _jsonl(tmp_path / "mixed.jsonl", rows("c", ["gsm8k", "math500"]))
+    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: _Sampler())
+    r = run_eval({"problems": [one, two], "models": {"m": {"model": "x"}}}, tmp_path / "two")["models"]["m"]
+    assert {name: v["n"] for name, v in r["per_set"].items()} == {one: 2, two: 3}
+    r = run_eval({"problems": [mixed], "models": {"m": {"model": "x"}}}, tmp_path / "one")["models"]["m"]
+    assert "per_set" not in r and r["n"] == 2
 
 
 def test_samples_split_across_batches_are_the_same_samples():

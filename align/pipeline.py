@@ -277,24 +277,17 @@ class Runner:
         return lines
 
     def _check_problems(self, problems, where: str) -> None:
-        from align.trees.hub_sets import parse_spec
-        from align.trees.problems import BUILTIN_SETS
+        from align.trees.problems import is_local_location, problems_location
 
         for spec in [problems] if isinstance(problems, str) else problems:
             try:
-                hub = parse_spec(spec)
+                location = problems_location(spec)
             except AlignError as err:
                 raise AlignError(f"{where}: {err}") from None
-            if hub is not None:
-                if hub[2] is None:
-                    continue  # the set's own Hub repo
-                spec = hub[2]  # a mirror: a repo id or a local file / folder
-            elif spec.split(":")[0] in BUILTIN_SETS:
+            if location is None or self.produced(location) or Path(location).expanduser().exists():
                 continue
-            if self.produced(spec) or Path(spec).expanduser().exists():
-                continue
-            if spec.startswith((".", "/", "~")) or Path(spec).suffix in (".jsonl", ".parquet", ".json"):
-                raise AlignError(f"{where}: problems {spec} not found")
+            if is_local_location(location):
+                raise AlignError(f"{where}: problems {location} not found")
 
     def _check_trees(self, recipe: dict, where: str) -> None:
         from align.trees.builder import parse_trees_config
@@ -302,14 +295,11 @@ class Runner:
         if "problems" not in recipe:
             raise AlignError(f"{where}: key 'problems' is required (a trees recipe names its problems)")
         recipe = copy.deepcopy(recipe)
-        produced = {}  # adapters an earlier stage makes: checked when they exist, here only as names
         for role in ("actor", "critic"):
             part = recipe.get(role)
             if isinstance(part, dict) and isinstance(part.get("adapter"), str) and self.produced(part["adapter"]):
-                produced[role] = part.pop("adapter")
+                del part["adapter"]  # made by an earlier stage: checked when it exists
         config, actor, critic, _ = parse_trees_config(recipe, where)
-        for role, adapter in produced.items():
-            setattr(actor if role == "actor" else critic, "adapter", adapter)
         self._check_problems(config.problems, where)
         for role, spec in (("actor", actor), ("critic", critic)):
             if role == "critic" and critic.type != "llm":

@@ -286,3 +286,11 @@ def test_a_tracker_that_fails_to_start_is_a_warning_and_is_closed(monkeypatch, c
     trackers.close()
     assert trackers.trackers == [] and finished == [True]
     assert "report_to broken: could not start (ConnectionError: no server)" in capsys.readouterr().err
+
+
+def test_a_problems_file_under_home_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _jsonl(tmp_path / "p.jsonl", [{"id": "p0", "task": "math", "prompt": "What is 1+1", "answer": "2"}])
+    assert [p.id for p in load_problems("~/p.jsonl")[0]] == ["p0"]
+    with pytest.raises(AlignError, match=re.escape("problems: ~/nope.jsonl not found")):
+        load_problems("~/nope.jsonl")

@@ -203,6 +203,22 @@ def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str =
 BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
 
 
+def problems_location(spec: str) -> str | None:
+    """The file, folder or dataset repo a problems spec reads (for a standard set, the mirror after '@');
+    None for a built-in set and for a standard set read from its own Hub repo."""
+    from align.trees.hub_sets import parse_spec
+
+    hub = parse_spec(spec)
+    if hub is not None:
+        return hub[2]
+    return None if spec.split(":")[0] in BUILTIN_SETS else spec
+
+
+def is_local_location(location: str) -> bool:
+    """A location that can only be a local file or folder (a dataset repo id has neither form)."""
+    return location.startswith((".", "/", "~")) or Path(location).suffix in (".jsonl", ".parquet", ".json")
+
+
 def builtin_problems(spec: str) -> list[Problem] | None:
     if "@" in spec:
         return None  # a standard set from another source (align/trees/hub_sets.py)
@@ -275,11 +291,12 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
         problems = hub_problems(spec)
     skipped: list[str] = []
     if problems is None:
-        if not Path(spec).exists() and spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".parquet")) and not Path(spec).exists():
+        path = str(Path(spec).expanduser()) if spec.startswith("~") else spec
+        if is_local_location(spec) and not Path(path).exists():
             raise AlignError(f"problems: {spec} not found")
         problems = []
         seen = set()
-        for where, row in _read_rows(spec):
+        for where, row in _read_rows(path):
             try:
                 if isinstance(row, AlignError):
                     raise row

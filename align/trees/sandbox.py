@@ -719,6 +719,10 @@ class TestOutcome:
     candidate: SandboxResult
     calls: int = 0
 
+    @classmethod
+    def timed_out(cls, limits: SandboxLimits, isolation: str, candidate: SandboxResult, calls: int = 0):
+        return cls(False, f"Timed out after {limits.timeout_s:g} seconds.", isolation, "timeout", candidate, calls)
+
 
 def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = "",
                        limits: SandboxLimits | None = None) -> TestOutcome:
@@ -745,8 +749,7 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
         # lose for it; a candidate can at most double the time its verification takes).
         return _run_tests_split(code, tests, entry_point, prompt, limits, harness)
     if judge.verdict is None and result.status == "timeout":
-        return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", _split_isolation(), "timeout",
-                           result, len(judge.results))
+        return TestOutcome.timed_out(limits, _split_isolation(), result, len(judge.results))
     verdict = judge.finish(gone=True)
     return TestOutcome(verdict["passed"] is True, _outcome_observation(verdict, result), _split_isolation(), "ok",
                        result, int(verdict.get("calls") or 0))
@@ -765,19 +768,17 @@ def _run_tests_split(code: str, tests: str, entry_point: str, prompt: str, limit
         # The same deadline for both tries: the fallback gets what the split run left of the timeout.
         left = limits.timeout_s - (time.monotonic() - start)
         if left < LIMIT_BOUNDS["timeout_s"][0]:
-            return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "in-process", "timeout",
-                               candidate_result)
+            return TestOutcome.timed_out(limits, "in-process", candidate_result)
         single = _ChildSpec(code=f"{harness}run_in_process({code!r}, {prompt!r}, {tests!r}, {entry_point!r})\n",
                             filename="harness.py", verdict_fd=5, read_paths=candidate_read_paths())
         (result,), (text,) = _run([single], replace(limits, timeout_s=left))
         if result.status == "timeout":
-            return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "in-process", "timeout", result)
+            return TestOutcome.timed_out(limits, "in-process", result)
         verdict = _parse_verdict(text) or {}
         return TestOutcome(verdict.get("passed") is True and result.status == "ok",
                            _outcome_observation(verdict, result), "in-process", result.status, result)
     if tests_result.status == "timeout":
-        return TestOutcome(False, f"Timed out after {limits.timeout_s:g} seconds.", "process", "timeout",
-                           candidate_result)
+        return TestOutcome.timed_out(limits, "process", candidate_result)
     if verdict is None:
         return TestOutcome(False, "The tests could not run (the test side ended without a verdict).", "process",
                            tests_result.status, candidate_result)

@@ -199,13 +199,13 @@ class RequestBarrier:
             future.set_result(texts)
 
 
-class Progress:
+class TreeProgress:
     """Trees done, trees/min, pass rate per turn, pairs so far (a bar on a terminal; `align run`'s live line)."""
 
     def __init__(self, total: int, enabled: bool, trackers=None):
-        from align.progress import Progress as Shown
+        from align.progress import Progress
 
-        self.shown = Shown("trees", total, "tree", bar=None if enabled else False)
+        self.shown = Progress("trees", total, "tree", bar=None if enabled else False)
         self.trackers = trackers
         self.turn_tried: Counter = Counter()
         self.turn_correct: Counter = Counter()
@@ -293,7 +293,7 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
         from align.tracking import Trackers
 
         trackers = Trackers(config.report_to, config.run_name, out / "runs", {"problems": config.problems})
-    progress = Progress(len(todo), config.progress, trackers)
+    progress = TreeProgress(len(todo), config.progress, trackers)
 
     def keep(problem, tree_or_error) -> dict | None:
         if isinstance(tree_or_error, BackendError):  # after its retries: reported, retried on the next run

@@ -294,3 +294,14 @@ def test_a_problems_file_under_home_is_read(tmp_path, monkeypatch):
     assert [p.id for p in load_problems("~/p.jsonl")[0]] == ["p0"]
     with pytest.raises(AlignError, match=re.escape("problems: ~/nope.jsonl not found")):
         load_problems("~/nope.jsonl")
+
+
+def test_a_hub_set_skips_bad_rows_when_asked_and_stops_at_its_limit(tmp_path):
+    gsm = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": "What is 1+1", "answer": "#### 2"},
+                                            {"question": "What is 2+2", "answer": "#### 4"},
+                                            {"question": "", "answer": "#### 6"}])
+    with pytest.raises(AlignError, match="row 2"):
+        load_problems(f"gsm8k@{gsm}")
+    problems, skipped = load_problems(f"gsm8k@{gsm}", skip_bad_rows=True)
+    assert len(problems) == 2 and len(skipped) == 1 and "row 2" in skipped[0]
+    assert len(load_problems(f"gsm8k@{gsm}", limit=2)[0]) == 2  # the bad row past the limit is never converted

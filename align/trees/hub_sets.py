@@ -132,8 +132,9 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None] | None:
     return name, split or None, source.strip() or None
 
 
-def hub_problems(spec: str) -> list[Problem] | None:
-    """The problems of a Hub set spec, or None when `spec` is not one."""
+def hub_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]] | None:
+    """The problems of a Hub set spec (the first `limit`) and the rows skipped as bad (with
+    `skip_bad_rows`; otherwise a bad row is the error), or None when `spec` is not one."""
     parsed = parse_spec(spec)
     if parsed is None:
         return None
@@ -149,4 +150,14 @@ def hub_problems(spec: str) -> list[Problem] | None:
         missing.append("prompt (or text)")
     if missing:
         raise AlignError(f"{origin}: {name} needs column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
-    return [hub.to_problem(row, i, split, f"{origin}: row {i}") for i, row in enumerate(ds)]
+    problems, skipped = [], []
+    for i, row in enumerate(ds):
+        if limit and len(problems) >= limit:
+            break
+        try:
+            problems.append(hub.to_problem(row, i, split, f"{origin}: row {i}"))
+        except AlignError as err:
+            if not skip_bad_rows:
+                raise
+            skipped.append(str(err))
+    return problems, skipped

@@ -285,11 +285,11 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
 def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]]:
     """Problems from a built-in name or a dataset; returns (problems, report of skipped rows)."""
     problems = builtin_problems(spec)
+    skipped: list[str] = []
     if problems is None:
         from align.trees.hub_sets import hub_problems
 
-        problems = hub_problems(spec)
-    skipped: list[str] = []
+        problems, skipped = hub_problems(spec, skip_bad_rows, limit) or (None, [])
     if problems is None:
         path = str(Path(spec).expanduser()) if spec.startswith("~") else spec
         if is_local_location(spec) and not Path(path).exists():

@@ -68,6 +68,14 @@ class _ServerBatches:
         self.loop = asyncio.new_event_loop()
         self.backend = ServerBackend(spec)
 
+    @property
+    def spec(self):  # the sampling settings, as a local backend has them (sampled pass@k swaps them)
+        return self.backend.spec
+
+    @spec.setter
+    def spec(self, value):
+        self.backend.spec = value
+
     def generate_batch(self, requests):
         import asyncio
 
@@ -218,9 +226,8 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
 
     from align.trees.builder import derive_seed
 
-    target = getattr(backend, "backend", backend)  # (a served model's batches wrap its backend)
-    greedy_spec = target.spec
-    target.spec = replace(greedy_spec, temperature=config.temperature, top_p=config.top_p)
+    greedy_spec = backend.spec
+    backend.spec = replace(greedy_spec, temperature=config.temperature, top_p=config.top_p)
     texts: list[list[str]] = [[] for _ in problems]
     try:
         for batch in sample_batches(len(problems), config.samples, config.batch_size):
@@ -231,7 +238,7 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
             if progress is not None:
                 progress.advance()
     finally:
-        target.spec = greedy_spec
+        backend.spec = greedy_spec
     samples, counts = [], []
     for p, answers in zip(problems, texts):
         verdicts = [verify(p, a) for a in answers]

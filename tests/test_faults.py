@@ -36,8 +36,9 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.lock:
+            type(self).bodies.append(body)
             step = self.script[min(type(self).count, len(self.script) - 1)]
             type(self).count += 1
         kind = step[0]
@@ -72,11 +73,22 @@ class _Scripted(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def scripted():
-    handler = type("Handler", (_Scripted,), {"script": [], "count": 0, "lock": threading.Lock()})
+    handler = type("Handler", (_Scripted,), {"script": [], "count": 0, "lock": threading.Lock(), "bodies": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield handler, f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+
+
+def test_a_served_model_is_sampled_at_the_eval_temperature_then_greedy_again(scripted, tmp_path):
+    from align.evaluate import run_eval
+
+    handler, url = scripted
+    handler.script = [("json", GOOD)]
+    run_eval({"problems": "addition:2", "samples": 2, "temperature": 0.7, "turns": 2,
+              "models": {"m": {"backend": "server", "model": "m", "base_urls": [url]}}}, tmp_path)
+    temperatures = [json.loads(b).get("temperature") for b in handler.bodies]
+    assert temperatures[:4] == [0.0] * 4 and set(temperatures[4:]) == {0.7}, temperatures  # 2 greedy + 2 turn-2, then sampled
 
 
 def _ask(url, **spec):

@@ -48,6 +48,14 @@ def pairs_to_kto(dataset):
     return Dataset.from_list(rows)
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def local_form(name: str) -> bool:
+    """A name that can only be a local file or folder (./, /, ~, or a data file's suffix), never a Hub repo id."""
+    return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in DATA_SUFFIXES
+
+
 def load_one(path: str, split: str = "train", name: str | None = None, data_files=None, data_dir: str | None = None):
     """A `datasets.Dataset` from a saved folder, a jsonl/json/parquet file or folder, or a hub id (with
     `name`, `data_files`, `data_dir` as `datasets.load_dataset` takes them)."""
@@ -73,7 +81,7 @@ def load_one(path: str, split: str = "train", name: str | None = None, data_file
         extra = {k: v for k, v in (("data_files", data_files), ("data_dir", data_dir)) if v}
         if p.is_dir():
             return datasets.load_dataset(str(p), name, split=split, **extra)
-        if path.startswith((".", "/", "~")) or p.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        if local_form(path):
             raise AlignError(f"dataset {path}: file or folder not found")
         return datasets.load_dataset(path, name, split=split, **extra)
     except AlignError:

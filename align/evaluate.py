@@ -152,10 +152,34 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     return config
 
 
+def set_labels(names: list[str]) -> dict[str, str]:
+    """A short name for each configured problem set, for the tables, the trackers and the model card: a
+    standard set as NAME[:SPLIT] (read from a mirror too), a local file or folder by as many of its last
+    path parts as tell it from the other sets' (never the whole local path), anything else as written."""
+    from align.data import local_form
+    from align.trees.hub_sets import parse_spec
+
+    labels, local = {}, {}
+    for name in names:
+        hub = parse_spec(name)
+        if hub is not None:
+            labels[name] = hub[0] + (f":{hub[1]}" if hub[1] else "")
+        elif local_form(name) or (":" not in name and Path(name).expanduser().exists()):
+            local[name] = Path(name).expanduser().resolve().parts
+        else:
+            labels[name] = name
+    for k in range(1, max((len(p) for p in local.values()), default=0) + 1):
+        tails = {name: "/".join(parts[-k:]) for name, parts in local.items()}
+        taken = list(labels.values()) + list(tails.values())
+        if all(taken.count(t) == 1 for t in tails.values()):
+            break
+    return {**labels, **(tails if local else {})}
+
+
 def score(problems: list[Problem], responses: list[str], limits: SandboxLimits | None = None,
           sets: list[str] | None = None) -> dict:
     """pass@1 overall and per task for one model's answers (one answer per problem, same order); per set
-    too when `sets` (each problem's set as configured) names more than one."""
+    too when `sets` (each problem's set, as set_labels names it) names more than one."""
     if len(problems) != len(responses):
         raise ValueError("one response per problem")
     verdicts = [verify(p, r, limits) for p, r in zip(problems, responses)]
@@ -170,7 +194,7 @@ def score(problems: list[Problem], responses: list[str], limits: SandboxLimits |
 
 def _grouped(problems: list[Problem], values: list, summarize, sets: list[str] | None = None) -> dict:
     """`summarize` of the values per task ("per_task") and, with several sets (gsm8k and math500 are both
-    math), per set ("per_set", under each set's name as configured; `sets` holds each problem's)."""
+    math), per set ("per_set"; `sets` holds each problem's, as set_labels names it)."""
     out = {}
     for key, labels in (("per_task", [p.task for p in problems]), ("per_set", sets or [])):
         groups = defaultdict(list)
@@ -316,6 +340,8 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         sets += [name] * len(loaded)
     if len({p.id for p in problems}) != len(problems):
         raise AlignError(f"{where}: key 'problems': two sets share problem ids (name each set once)")
+    labels = set_labels(config.problems)  # (the names parse: every set loaded)
+    sets = [labels[name] for name in sets]
     turns, batch_size = config.turns, config.batch_size
     output.mkdir(parents=True, exist_ok=True)
     results = {"problems": config.problems, "models": {}}

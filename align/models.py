@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from align.data import local_form
 from align.errors import AlignError
 from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE, TINY_CHAR_MODEL_NAME, TINY_MODEL_NAME, tiny_mixtral_path
 
@@ -16,7 +17,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name in (TINY_MODEL_NAME, TINY_CHAR_MODEL_NAME):
         return str(tiny_mixtral_path(int(seed) if seed else 0, name=name))
     path = Path(name_or_path).expanduser()
-    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+    if local_form(name_or_path) and not path.exists():
         raise AlignError(f"model_name_or_path: {name_or_path} not found")
     return str(path) if path.exists() else name_or_path
 

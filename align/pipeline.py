@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from align.config import load_recipe_file
+from align.data import local_form
 from align.errors import AlignError
 from align.stages import TRAINING_STAGES
 
@@ -227,14 +228,13 @@ class Runner:
     def produced(self, path) -> bool:
         """A path inside this pipeline's output folder: made by a stage, so not there before it runs."""
         try:
-            Path(path).resolve().relative_to(self.out.resolve())
+            Path(path).expanduser().resolve().relative_to(self.out.resolve())
             return True
         except (ValueError, TypeError):
             return False
 
     def _exists_or_produced(self, path, where: str, what: str) -> None:
-        if isinstance(path, str) and path.startswith((".", "/", "~")) and not self.produced(path) \
-                and not Path(path).expanduser().exists():
+        if isinstance(path, str) and local_form(path) and not self.produced(path) and not Path(path).expanduser().exists():
             raise AlignError(f"{where}: {what} {path} not found")
 
     def check(self, enable: set[str] = frozenset(), only: set[str] | None = None) -> list[str]:
@@ -277,7 +277,7 @@ class Runner:
         return lines
 
     def _check_problems(self, problems, where: str) -> None:
-        from align.trees.problems import is_local_location, problems_location
+        from align.trees.problems import problems_location
 
         for spec in [problems] if isinstance(problems, str) else problems:
             try:
@@ -286,7 +286,7 @@ class Runner:
                 raise AlignError(f"{where}: {err}") from None
             if location is None or self.produced(location) or Path(location).expanduser().exists():
                 continue
-            if is_local_location(location):
+            if local_form(location):
                 raise AlignError(f"{where}: problems {location} not found")
 
     def _check_trees(self, recipe: dict, where: str) -> None:

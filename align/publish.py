@@ -40,7 +40,9 @@ def hub_call(what: str, fn, *args, **kwargs):
 
 def is_local(name: str | None) -> bool:
     """A folder on this machine (a stage's output), not a Hub repo id."""
-    return bool(name) and (Path(name).expanduser().exists() or str(name).startswith((".", "/", "~")))
+    from align.data import local_form
+
+    return bool(name) and (Path(name).expanduser().exists() or local_form(str(name)))
 
 
 CARD_LICENSE = "apache-2.0"
@@ -60,34 +62,36 @@ def _lora_groups(adapter_config: dict) -> list[str]:
 
 def _eval_results(problems, r: dict) -> list:
     """model-index entries of one evaluated model: pass@1 per problem set (a standard set under its Hub
-    repo), pass@k-turns and the sampled pass@k. Metadata names no local path: a set read from a local
-    mirror (`mbpp@/data/mbpp.parquet`) is named by the set, a problems file by its file name only."""
+    repo), pass@k-turns and the sampled pass@k. Each set is named as the eval's tables name it
+    (align.evaluate.set_labels): no local path, a set read from a local mirror (`mbpp@/data/mbpp.parquet`)
+    by the set, a problems file by its file name (and parent folders where two share a name)."""
     from huggingface_hub import EvalResult
 
+    from align.evaluate import set_labels
     from align.trees.hub_sets import HUB_SETS, parse_spec
 
     names = [problems] if isinstance(problems, str) else [str(p) for p in problems]
+    single = set_labels(names[:1])[names[0]]
 
-    def dataset(name: str) -> tuple[str, str]:
-        hub = parse_spec(name) if name != "humaneval" else ("humaneval", None, None)
+    def dataset(label: str) -> tuple[str, str]:
+        hub = parse_spec(label) if label != "humaneval" else ("humaneval", None, None)
         if hub is not None:
-            return HUB_SETS[hub[0]].repo, hub[0] + (f":{hub[1]}" if hub[1] else "")
-        short = Path(name).name if is_local(name) else name
-        return short.split(":")[0], short
+            return HUB_SETS[hub[0]].repo, label
+        return label.split(":")[0], label
 
     def entry(name: str, metric: str, value: float):
         dataset_type, dataset_name = dataset(name)
         return EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name,
                           metric_type=metric, metric_value=value)
 
-    if r.get("per_set"):  # several sets: each under its own name, as the eval config named it
+    if r.get("per_set"):  # several sets: each under its own name
         out = [entry(s, "pass@1", v["pass@1"]) for s, v in r["per_set"].items()]
         out += [entry(s, f"{k} (sampled)", v) for s, ks in r.get("sampled", {}).get("per_set", {}).items()
                 for k, v in ks.items()]
         return out  # (pass@k-turns is over the sets together: not one dataset's figure)
-    out = [entry(names[0], "pass@1", r["pass@1"])]
-    out += [entry(names[0], f"pass@{k}-turns", v) for k, v in r.get("pass@turns", {}).items() if k != "1"]
-    out += [entry(names[0], f"{k} (sampled)", v) for k, v in r.get("sampled", {}).items() if k.startswith("pass@")]
+    out = [entry(single, "pass@1", r["pass@1"])]
+    out += [entry(single, f"pass@{k}-turns", v) for k, v in r.get("pass@turns", {}).items() if k != "1"]
+    out += [entry(single, f"{k} (sampled)", v) for k, v in r.get("sampled", {}).items() if k.startswith("pass@")]
     return out
 
 

@@ -139,12 +139,12 @@ def run_stage(stage: str, argv: list[str]):
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
     max_length = getattr(args, "max_length", None)
-    if max_length is not None and hasattr(trainer.train_dataset, "__len__") and len(trainer.train_dataset) == 0 < len(dataset):
+    packing = getattr(args, "packing_strategy", None) if getattr(args, "packing", False) else None
+    left, cut = truncation_report(len(dataset), trainer.train_dataset, max_length, packing)  # every rank: all stop
+    if left == 0 < len(dataset):
         raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {max_length}, "
                          f"which leaves none of the {len(dataset)} rows a completion token to train on")
-    cut = (truncation_report(len(dataset), trainer.train_dataset, max_length, getattr(args, "packing_strategy", None)
-                             if getattr(args, "packing", False) else None)
-           if trainer.is_world_process_zero() else None)
+    cut = cut if trainer.is_world_process_zero() else None
     if cut:
         print(f"[align] {stage}: warning: {cut}", flush=True)
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -165,38 +165,60 @@ def run_stage(stage: str, argv: list[str]):
     return trainer
 
 
-def truncation_report(rows_in: int, prepared, max_length: int | None, packing: str | None = None) -> str | None:
+def truncation_report(rows_in: int, prepared, max_length: int | None,
+                      packing: str | None = None) -> tuple[int | None, str | None]:
     """What max_length did to the rows, which TRL does without a word: it cuts every row at max_length and
-    drops those left without a completion token. `packing` is the packing strategy when TRL packed the rows
-    (then nothing is dropped: "bfd" cuts a longer row, "bfd_split" and "wrapped" carry it over, so only bfd
-    is reported). None when it did nothing."""
+    drops those left without a completion token (packed, `packing` the strategy: keeps them in their bin, with
+    nothing to train on). Returns (rows left with a completion token, the line to say or None); (None,
+    None) for a streamed dataset or no max_length. Counted in Arrow: cheap enough on every rank."""
+    import numpy as np
+    import pyarrow.compute as pc
     from datasets import Dataset
 
     if max_length is None or not isinstance(prepared, Dataset):  # a streamed dataset is not counted
-        return None
+        return None, None
     columns = prepared.column_names
-    lengths, longer = [], 0
+
+    def arrow(*names):
+        return prepared.select_columns(list(names)).with_format("arrow")[:]  # the dataset's rows only
+
+    def lengths_of(table, name):
+        return pc.list_value_length(table[name]).to_numpy(zero_copy_only=False)
+
+    longer, rows, left = 0, len(prepared), len(prepared)
     if packing is not None:  # a row is a bin of several; seq_lengths holds theirs
-        if packing != "bfd" or "seq_lengths" not in columns:
-            return None
-        lengths = [n for bin_lengths in prepared["seq_lengths"] for n in bin_lengths]
-        cut = sum(n >= max_length for n in lengths)
-        return (f"{cut} of the {len(lengths)} rows reach max_length {max_length} (cut there if longer; "
-                "packing_strategy bfd_split carries the rest into another bin)") if cut else None
-    if "input_ids" in columns:  # SFT: already cut, so a row at max_length may have been longer
-        lengths, longer = [len(ids) for ids in prepared["input_ids"]], 1
+        if packing == "wrapped" or "seq_lengths" not in columns:  # rows run across bins: none is cut
+            return left, None
+        table = arrow(*[c for c in ("labels", "seq_lengths") if c in columns])
+        lengths = pc.list_flatten(table["seq_lengths"]).to_numpy(zero_copy_only=False)
+        rows = len(lengths)
+        trained = np.ones(rows, dtype=bool)
+        if "labels" in columns and rows:
+            labels = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            trained = np.add.reduceat(labels != -100, starts) > 0
+        left = int(trained.sum())
+        if packing != "bfd":  # bfd_split carries the rest of a long row into another bin: none is cut
+            return left, None
+        lengths, longer = lengths[trained], 1  # cut already: a row of max_length may have been longer
+    elif "input_ids" in columns:  # SFT: already cut, so a row at max_length may have been longer
+        lengths, longer = lengths_of(arrow("input_ids"), "input_ids"), 1
     elif "prompt_ids" in columns:  # preference rows, cut per batch: the prompt, then its longest completion
-        answers = [prepared[c] for c in columns if c.endswith("_ids") and c != "prompt_ids" and not c.startswith("KL_")]
-        lengths = [len(p) + max((len(a[i]) for a in answers), default=0) for i, p in enumerate(prepared["prompt_ids"])]
-    cut = sum(n + longer > max_length for n in lengths)
-    dropped = rows_in - len(prepared)
+        answers = [c for c in columns if c.endswith("_ids") and c != "prompt_ids" and not c.startswith("KL_")]
+        table = arrow("prompt_ids", *answers)
+        longest = np.max([lengths_of(table, c) for c in answers], axis=0) if answers else 0
+        lengths = lengths_of(table, "prompt_ids") + longest
+    else:
+        return left, None
+    cut = int((np.asarray(lengths) + longer > max_length).sum())
+    dropped = (rows if packing else rows_in) - left
     said = []
     if dropped > 0:
         said.append(f"max_length {max_length} leaves {dropped} of {rows_in} rows without a completion token, "
                     "so they are not trained on")
     if cut:
-        said.append(f"{cut} of the {len(prepared)} rows left reach max_length {max_length} (cut there if longer)")
-    return "; ".join(said) + " (raise max_length to keep them whole)" if said else None
+        said.append(f"{cut} of the {left} rows left reach max_length {max_length} (cut there if longer)")
+    return left, ("; ".join(said) + " (raise max_length to keep them whole)" if said else None)
 
 
 def progress_callback(stage: str):

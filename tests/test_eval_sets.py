@@ -201,14 +201,14 @@ def test_several_sets_are_scored_apart_and_named_in_the_model_index(tmp_path, mo
             "batch_size": 2}
     results = run_eval(spec, tmp_path / "out")
     r = results["models"]["m"]
-    names = {f"gsm8k@{gsm}", str(mine)}  # each set under its name as configured
+    names = {"gsm8k", "mine.jsonl"}  # a standard set by its name (from a mirror too), a file by its file name
     assert r["n"] == 6 and set(r["per_set"]) == names and set(r["sampled"]["per_set"]) == names
     answers = [json.loads(line) for line in (tmp_path / "out" / "answers_m.jsonl").read_text().splitlines()]
     mine_counts = [sum(x["correct"] for x in a["samples"]) for a in answers if a["problem_id"].startswith("p")]
-    assert r["sampled"]["per_set"][str(mine)]["pass@1"] == round(sum(c / 3 for c in mine_counts) / 2, 4)
+    assert r["sampled"]["per_set"]["mine.jsonl"]["pass@1"] == round(sum(c / 3 for c in mine_counts) / 2, 4)
     assert all(len(a["samples"]) == 3 for a in answers)  # 3 samples each, from requests of at most 2
     table = (tmp_path / "out" / "results.md").read_text()
-    assert f"gsm8k@{gsm} pass@1" in table and f"{mine} pass@1" in table
+    assert "gsm8k pass@1" in table and "mine.jsonl pass@1" in table and str(tmp_path) not in table
     assert max(sum(n for n, _, t in [req]) for req in sampler.requests if req[2] > 0) <= 2  # rows per request
     entries = _eval_results(results["problems"], r)
     assert {e.dataset_type for e in entries} == {"openai/gsm8k", "mine.jsonl"}
@@ -223,12 +223,14 @@ def test_sets_are_the_configured_ones_not_the_rows_sources(tmp_path, monkeypatch
         return [{"id": f"{prefix}{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1), "source": src}
                 for a, src in enumerate(sources)]
 
-    one = _jsonl(tmp_path / "one.jsonl", rows("a", ["user", "user"]))
-    two = _jsonl(tmp_path / "two.jsonl", rows("b", ["user", "user", "user"]))
+    (tmp_path / "math").mkdir()
+    (tmp_path / "code").mkdir()
+    one = _jsonl(tmp_path / "math" / "test.jsonl", rows("a", ["user", "user"]))
+    two = _jsonl(tmp_path / "code" / "test.jsonl", rows("b", ["user", "user", "user"]))
     mixed = _jsonl(tmp_path / "mixed.jsonl", rows("c", ["gsm8k", "math500"]))
     monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: _Sampler())
     r = run_eval({"problems": [one, two], "models": {"m": {"model": "x"}}}, tmp_path / "two")["models"]["m"]
-    assert {name: v["n"] for name, v in r["per_set"].items()} == {one: 2, two: 3}
+    assert {name: v["n"] for name, v in r["per_set"].items()} == {"math/test.jsonl": 2, "code/test.jsonl": 3}
     r = run_eval({"problems": [mixed], "models": {"m": {"model": "x"}}}, tmp_path / "one")["models"]["m"]
     assert "per_set" not in r and r["n"] == 2
 
@@ -305,3 +307,15 @@ def test_a_hub_set_skips_bad_rows_when_asked_and_stops_at_its_limit(tmp_path):
     problems, skipped = load_problems(f"gsm8k@{gsm}", skip_bad_rows=True)
     assert len(problems) == 2 and len(skipped) == 1 and "row 2" in skipped[0]
     assert len(load_problems(f"gsm8k@{gsm}", limit=2)[0]) == 2  # the bad row past the limit is never converted
+
+
+def test_set_labels_name_no_local_path():
+    from align.evaluate import set_labels
+    from align.publish import _eval_results
+
+    names = ["data/math/test.jsonl", "/x/code/test.jsonl", "gsm8k:train@/x/g.jsonl", "addition:4", "humaneval"]
+    assert set_labels(names) == {"data/math/test.jsonl": "math/test.jsonl", "/x/code/test.jsonl": "code/test.jsonl",
+                                 "gsm8k:train@/x/g.jsonl": "gsm8k:train", "addition:4": "addition:4",
+                                 "humaneval": "humaneval"}
+    entries = _eval_results("data/math/test.jsonl", {"pass@1": 0.5, "pass@turns": {"1": 0.5, "2": 0.6}})
+    assert {(e.dataset_type, e.dataset_name) for e in entries} == {("test.jsonl", "test.jsonl")}

@@ -132,19 +132,30 @@ def test_truncation_report_counts_cut_and_dropped_rows():
     from align.training import truncation_report
 
     sft = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 8, [1] * 8, [1] * 3]})
-    assert truncation_report(4, sft, 8) == ("2 of the 4 rows left reach max_length 8 (cut there if longer) "
-                                            "(raise max_length to keep them whole)")
-    assert truncation_report(6, sft, 8).startswith("max_length 8 leaves 2 of 6 rows without a completion token")
-    assert truncation_report(4, sft, 9) is None and truncation_report(4, sft, None) is None
+    assert truncation_report(4, sft, 8) == (4, "2 of the 4 rows left reach max_length 8 (cut there if longer) "
+                                               "(raise max_length to keep them whole)")
+    left, said = truncation_report(6, sft, 8)
+    assert left == 4 and said.startswith("max_length 8 leaves 2 of 6 rows without a completion token")
+    assert truncation_report(4, sft, 9) == (4, None) and truncation_report(4, sft, None) == (None, None)
+    assert truncation_report(2, sft.select([0, 3]), 8) == (2, None)  # the rows of 8 are in its table, not in it
     pairs = Dataset.from_dict({"prompt_ids": [[1] * 4, [1] * 2], "chosen_ids": [[1] * 3, [1] * 2],
                                "rejected_ids": [[1] * 5, [1]]})
-    assert truncation_report(2, pairs, 8).startswith("1 of the 2 rows left reach max_length 8")  # 4 + 5 > 8
-    assert truncation_report(2, pairs, 9) is None
-    # packed: 3 rows in 2 bins is not 1 row dropped; under bfd a row of max_length may have been cut
-    packed = Dataset.from_dict({"input_ids": [[1] * 8, [1] * 8], "seq_lengths": [[3, 5], [8]]})
-    assert truncation_report(3, packed, 8, "bfd") == ("1 of the 3 rows reach max_length 8 (cut there if longer; "
-                                                      "packing_strategy bfd_split carries the rest into another bin)")
-    assert truncation_report(3, packed, 9, "bfd") is None and truncation_report(3, packed, 8, "bfd_split") is None
+    assert truncation_report(2, pairs, 8)[1].startswith("1 of the 2 rows left reach max_length 8")  # 4 + 5 > 8
+    assert truncation_report(2, pairs, 9) == (2, None)
+    # packed: 4 rows in 2 bins is not 2 rows dropped; the prompt-only row (labels all -100) is, and under bfd
+    # a row of max_length may have been cut
+    x = -100
+    packed = Dataset.from_dict({"input_ids": [[1] * 8, [1] * 8], "seq_lengths": [[3, 5], [6, 2]],
+                                "labels": [[x, 1, 1, x, x, 1, 1, 1], [x, x, x, x, x, x, x, 1]]})
+    assert truncation_report(4, packed, 6, "bfd") == (3, "max_length 6 leaves 1 of 4 rows without a completion "
+                                                         "token, so they are not trained on (raise max_length to "
+                                                         "keep them whole)")
+    assert truncation_report(4, packed, 5, "bfd")[1].endswith("; 1 of the 3 rows left reach max_length 5 (cut there "
+                                                              "if longer) (raise max_length to keep them whole)")
+    assert truncation_report(4, packed, 6, "bfd_split") == (3, None)
+    assert truncation_report(4, packed, 6, "wrapped") == (2, None)
+    none_left = Dataset.from_dict({"input_ids": [[1] * 4], "seq_lengths": [[2, 2]], "labels": [[x] * 4]})
+    assert truncation_report(2, none_left, 4, "bfd")[0] == 0
 
 
 def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
@@ -172,8 +183,10 @@ def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
     assert said == ["[align] sft: warning: max_length 60 leaves 2 of 5 rows without a completion token, so they are "
                     "not trained on (raise max_length to keep them whole)"], said
     assert run(2048, "long") == []
-    said = run(60, "packed", "--packing", "true")  # packed into bins of 60: nothing dropped, two rows cut
-    assert said == ["[align] sft: warning: 2 of the 5 rows reach max_length 60 (cut there if longer; "
-                    "packing_strategy bfd_split carries the rest into another bin)"], said
+    said = run(60, "packed", "--packing", "true")  # in bins of 60 the two cut rows stay, with nothing to train
+    assert said == ["[align] sft: warning: max_length 60 leaves 2 of 5 rows without a completion token, so they are "
+                    "not trained on (raise max_length to keep them whole)"], said
     with pytest.raises(AlignError, match="key 'max_length' is 8, which leaves none of the 5 rows"):
         run(8, "none")
+    with pytest.raises(AlignError, match="key 'max_length' is 8, which leaves none of the 5 rows"):
+        run(8, "none-packed", "--packing", "true")

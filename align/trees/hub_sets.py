@@ -150,12 +150,16 @@ def hub_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = Non
         missing.append("prompt (or text)")
     if missing:
         raise AlignError(f"{origin}: {name} needs column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
-    problems, skipped = [], []
+    problems, skipped, seen = [], [], set()
     for i, row in enumerate(ds):
         if limit and len(problems) >= limit:
             break
         try:
-            problems.append(hub.to_problem(row, i, split, f"{origin}: row {i}"))
+            problem = hub.to_problem(row, i, split, f"{origin}: row {i}")
+            if problem.id in seen:
+                raise AlignError(f"{origin}: row {i}: its id {problem.id!r} repeats an earlier row's")
+            seen.add(problem.id)
+            problems.append(problem)
         except AlignError as err:
             if not skip_bad_rows:
                 raise

@@ -214,10 +214,6 @@ def problems_location(spec: str) -> str | None:
     return None if spec.split(":")[0] in BUILTIN_SETS else spec
 
 
-def is_local_location(location: str) -> bool:
-    """A location that can only be a local file or folder (a dataset repo id has neither form)."""
-    return location.startswith((".", "/", "~")) or Path(location).suffix in (".jsonl", ".parquet", ".json")
-
 
 def builtin_problems(spec: str) -> list[Problem] | None:
     if "@" in spec:
@@ -291,12 +287,16 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
 
         problems, skipped = hub_problems(spec, skip_bad_rows, limit) or (None, [])
     if problems is None:
+        from align.data import local_form
+
         path = str(Path(spec).expanduser()) if spec.startswith("~") else spec
-        if is_local_location(spec) and not Path(path).exists():
+        if local_form(spec) and not Path(path).exists():
             raise AlignError(f"problems: {spec} not found")
         problems = []
         seen = set()
         for where, row in _read_rows(path):
+            if limit and len(problems) >= limit:
+                break  # as for a standard set: rows past the limit are not checked
             try:
                 if isinstance(row, AlignError):
                     raise row
@@ -313,4 +313,4 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
                 skipped.append(str(err))
     if not problems:
         raise AlignError(f"problems: {spec} has no usable problems")
-    return (problems[:limit] if limit else problems), skipped
+    return (problems[:limit] if limit else problems), skipped  # (a built-in set is made whole, then cut)

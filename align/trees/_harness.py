@@ -306,7 +306,7 @@ def run_tests(prompt, tests, entry_point):
         if kind == "raise" and len(reply) == 4 and all(type(x) is str for x in reply[1:]):
             raise _candidate_exception(reply[1], reply[2], reply[3])
         if kind == "unencodable" and len(reply) == 2 and type(reply[1]) is str:
-            raise CandidateFailure("the candidate returned %s, not a built-in value" % reply[1][:200])
+            raise CandidateFailure(not_builtin(reply[1]))
         raise ProtocolError("a malformed reply")
 
     candidate.__name__ = entry_point
@@ -331,9 +331,9 @@ def run_tests(prompt, tests, entry_point):
         else:  # the tests use a name that only the candidate's code defines
             _cannot_split(verdict, "the tests use %s" % err, calls[0])
     except CandidateGone:
-        verdict.update(gone=True, observation="The program exited before the tests finished.")
+        verdict.update(gone=True, observation=EXITED_EARLY)
     except ProtocolError as err:
-        verdict["observation"] = "The program broke the test protocol (%s)." % err
+        verdict["observation"] = protocol_broken(err)
     except BaseException as err:
         verdict["observation"] = _observation(err)
     verdict["calls"] = calls[0]
@@ -355,6 +355,18 @@ def _cannot_split(verdict, reason, calls):
 
 
 MAX_OBSERVATION = 16 * 1024
+
+# The observations of a failed run, the same words from either judge (here, or align's literal_tests).
+EXITED_EARLY = "The program exited before the tests finished."
+
+
+def protocol_broken(why):
+    return "The program broke the test protocol (%s)." % why
+
+
+def not_builtin(shown):
+    return "the candidate returned %s, not a built-in value" % shown[:200]
+
 
 
 def _write_verdict(fd, verdict):
@@ -391,7 +403,7 @@ def run_in_process(code, prompt, tests, entry_point):
         namespace["check"](namespace[entry_point])
         verdict["passed"] = True
     except SystemExit:
-        verdict["observation"] = "The program exited before the tests finished."
+        verdict["observation"] = EXITED_EARLY
     except BaseException as err:
         verdict["observation"] = format_exception(err, {SOLUTION_FILE, TESTS_FILE})
     _write_verdict(verdict_fd, verdict)

@@ -469,7 +469,7 @@ class Judge:
                     break
                 reply = _harness.parse_frame(bytes(self._buffer[4:4 + size]))
             except _harness.ProtocolError as err:
-                return self._fail(f"The program broke the test protocol ({str(err).split(' (')[0]}).")
+                return self._fail(_harness.protocol_broken(str(err).split(' (')[0]))
             del self._buffer[:4 + size]
             if self.add(reply):
                 return True
@@ -480,9 +480,9 @@ class Judge:
         if self.verdict is not None or self.undecided:
             return True
         if len(self.results) >= self._sent:
-            return self._fail("The program broke the test protocol (a reply to no call).")
+            return self._fail(_harness.protocol_broken("a reply to no call"))
         if type(reply) is not list or not reply or type(reply[0]) is not str:
-            return self._fail("The program broke the test protocol (a malformed reply).")
+            return self._fail(_harness.protocol_broken("a malformed reply"))
         kind = reply[0]
         if kind == "ok" and len(reply) == 3:
             values, hashed, composite = _reply_cost(reply[1])
@@ -493,16 +493,15 @@ class Judge:
             try:
                 self.results.append(_harness.decode(reply[1]))
             except _harness.ProtocolError as err:
-                return self._fail(f"The program broke the test protocol ({err}).")
+                return self._fail(_harness.protocol_broken(err))
         elif kind == "raise" and len(reply) == 4 and all(type(x) is str for x in reply[1:]):
             self.results.append(_Raised(reply[1], reply[2], reply[3]))
         elif kind == "unencodable" and len(reply) == 2 and type(reply[1]) is str:
-            self.results.append(_Raised("CandidateFailure", f"the candidate returned {reply[1][:200]}, "
-                                        "not a built-in value", ""))  # (the same words as _harness.run_tests)
+            self.results.append(_Raised("CandidateFailure", _harness.not_builtin(reply[1]), ""))
         elif kind == "error" and len(reply) == 2:
-            return self._fail("The program broke the test protocol (it could not read a call).")
+            return self._fail(_harness.protocol_broken("it could not read a call"))
         else:
-            return self._fail("The program broke the test protocol (a malformed reply).")
+            return self._fail(_harness.protocol_broken("a malformed reply"))
         return self._advance()
 
     def _advance(self) -> bool:
@@ -549,7 +548,7 @@ class Judge:
         """The verdict when the replies stopped (the program exited, or ran out of time)."""
         if self.verdict is None:
             self.verdict = {"passed": False, "split": True, "calls": len(self.results), "gone": gone,
-                            "observation": "The program exited before the tests finished."}
+                            "observation": _harness.EXITED_EARLY}
         return self.verdict
 
 

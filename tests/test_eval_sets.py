@@ -319,3 +319,11 @@ def test_set_labels_name_no_local_path():
                                  "humaneval": "humaneval"}
     entries = _eval_results("data/math/test.jsonl", {"pass@1": 0.5, "pass@turns": {"1": 0.5, "2": 0.6}})
     assert {(e.dataset_type, e.dataset_name) for e in entries} == {("test.jsonl", "test.jsonl")}
+
+
+def test_a_hub_mirror_with_a_repeated_id_names_the_row(tmp_path):
+    row = {"task_id": "HumanEval/0", "prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n",
+           "entry_point": "f"}
+    mirror = _jsonl(tmp_path / "he.jsonl", [row, row])
+    with pytest.raises(AlignError, match=re.escape(f"{mirror}: row 1: its id 'HumanEval_0' repeats an earlier row's")):
+        load_problems(f"humaneval@{mirror}")

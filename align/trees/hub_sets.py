@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from align.errors import AlignError
-from align.trees.problems import Problem
+from align.trees.problems import Problem, collect_problems
 
 
 @dataclass(frozen=True)
@@ -150,18 +150,5 @@ def hub_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = Non
         missing.append("prompt (or text)")
     if missing:
         raise AlignError(f"{origin}: {name} needs column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
-    problems, skipped, seen = [], [], set()
-    for i, row in enumerate(ds):
-        if limit and len(problems) >= limit:
-            break
-        try:
-            problem = hub.to_problem(row, i, split, f"{origin}: row {i}")
-            if problem.id in seen:
-                raise AlignError(f"{origin}: row {i}: its id {problem.id!r} repeats an earlier row's")
-            seen.add(problem.id)
-            problems.append(problem)
-        except AlignError as err:
-            if not skip_bad_rows:
-                raise
-            skipped.append(str(err))
-    return problems, skipped
+    rows = ((f"{origin}: row {i}", (i, row)) for i, row in enumerate(ds))
+    return collect_problems(rows, lambda where, r: hub.to_problem(r[1], r[0], split, where), skip_bad_rows, limit)

@@ -278,6 +278,29 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
     return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
 
 
+def collect_problems(rows, convert, skip_bad_rows: bool, limit: int | None) -> tuple[list[Problem], list[str]]:
+    """Problems from (where, row) pairs, `convert(where, row)` making each: ids unique, a bad row (or a row
+    that is an AlignError already) the error, or with `skip_bad_rows` left out and listed; rows past the
+    first `limit` problems are not read."""
+    problems, skipped, seen = [], [], set()
+    for where, row in rows:
+        if limit and len(problems) >= limit:
+            break
+        try:
+            if isinstance(row, AlignError):
+                raise row
+            problem = convert(where, row)
+            if problem.id in seen:
+                raise AlignError(f"{where}: its id {problem.id!r} repeats an earlier row's")
+            seen.add(problem.id)
+            problems.append(problem)
+        except AlignError as err:
+            if not skip_bad_rows:
+                raise
+            skipped.append(str(err))
+    return problems, skipped
+
+
 def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = None) -> tuple[list[Problem], list[str]]:
     """Problems from a built-in name or a dataset; returns (problems, report of skipped rows)."""
     problems = builtin_problems(spec)
@@ -292,25 +315,12 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
         path = str(Path(spec).expanduser()) if spec.startswith("~") else spec
         if local_form(spec) and not Path(path).exists():
             raise AlignError(f"problems: {spec} not found")
-        problems = []
-        seen = set()
-        for where, row in _read_rows(path):
-            if limit and len(problems) >= limit:
-                break  # as for a standard set: rows past the limit are not checked
-            try:
-                if isinstance(row, AlignError):
-                    raise row
-                if not isinstance(row, dict):
-                    raise AlignError(f"{where}: a row must be a mapping of fields, got {type(row).__name__}")
-                problem = problem_from_row(row, where)
-                if problem.id in seen:
-                    raise AlignError(f"{where}: field 'id' repeats {problem.id!r}")
-                seen.add(problem.id)
-                problems.append(problem)
-            except AlignError as err:
-                if not skip_bad_rows:
-                    raise
-                skipped.append(str(err))
+        def convert(where: str, row) -> Problem:
+            if not isinstance(row, dict):
+                raise AlignError(f"{where}: a row must be a mapping of fields, got {type(row).__name__}")
+            return problem_from_row(row, where)
+
+        problems, skipped = collect_problems(_read_rows(path), convert, skip_bad_rows, limit)
     if not problems:
         raise AlignError(f"problems: {spec} has no usable problems")
     return (problems[:limit] if limit else problems), skipped  # (a built-in set is made whole, then cut)

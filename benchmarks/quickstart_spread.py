@@ -2,7 +2,7 @@
 pass@k turns, the chosen reward at the end of each preference stage, and the turn-2 share of the pairs.
 
 The first seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with every stage enabled: DPO,
-KTO and the second round);
+KTO, NCA's control chosen_sft and the second round);
 the others share its bootstrap (data + bootstrap stages) and rerun everything after it with their own
 seed (trees sampling, every training stage's `seed`). Each seed's pipeline lives in OUT/seed-S; a rerun
 skips finished stages, so an interrupted benchmark resumes.
@@ -39,7 +39,7 @@ def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path
                            json.dumps(stage))
         if stage["kind"] == "trees" or stage["kind"] in TRAINING:
             stage.setdefault("set", {})["seed"] = seed
-        stage.pop("enabled", None)  # DPO and KTO too
+        stage.pop("enabled", None)  # DPO, KTO and chosen_sft too
         stages.append(stage)
     spec["stages"] = stages
     path = out / f"pipeline-seed-{seed}.yaml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from align.data import local_form
 from align.errors import AlignError
 
 
@@ -40,8 +41,6 @@ def hub_call(what: str, fn, *args, **kwargs):
 
 def is_local(name: str | None) -> bool:
     """A folder on this machine (a stage's output), not a Hub repo id."""
-    from align.data import local_form
-
     return bool(name) and (Path(name).expanduser().exists() or local_form(str(name)))
 
 

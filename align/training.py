@@ -144,8 +144,7 @@ def run_stage(stage: str, argv: list[str]):
     if left == 0 < len(dataset):
         raise AlignError(f"{getattr(args, '_align_recipe_source', 'recipe')}: key 'max_length' is {max_length}, "
                          f"which leaves none of the {len(dataset)} rows a completion token to train on")
-    cut = cut if trainer.is_world_process_zero() else None
-    if cut:
+    if cut and trainer.is_world_process_zero():
         print(f"[align] {stage}: warning: {cut}", flush=True)
     if getattr(trainer, "is_fsdp_enabled", False):
         trainer.add_callback(shard_report(stage))

@@ -368,7 +368,6 @@ def not_builtin(shown):
     return "the candidate returned %s, not a built-in value" % shown[:200]
 
 
-
 def _write_verdict(fd, verdict):
     """Whole, and small enough for the pipe (whose reader waits for our exit): the observation is cut."""
     if len(str(verdict.get("observation", ""))) > MAX_OBSERVATION:

@@ -214,7 +214,6 @@ def problems_location(spec: str) -> str | None:
     return None if spec.split(":")[0] in BUILTIN_SETS else spec
 
 
-
 def builtin_problems(spec: str) -> list[Problem] | None:
     if "@" in spec:
         return None  # a standard set from another source (align/trees/hub_sets.py)

@@ -313,25 +313,18 @@ class Runner:
 
     def _check_training(self, kind: str, recipe: dict, where: str) -> None:
         from align.config import parse_stage_recipe
-        from align.extras import check_training_extras
-        from align.models import check_model_args
-        from align.preflight import check_eval_settings
         from align.stages import training_stage
+        from align.training import check_stage_settings
 
         spec = training_stage(kind)
         # On a machine without an accelerator a GPU recipe is checked as the CPU would run it (TRL refuses
         # bf16 there unless use_cpu, which says nothing about the recipe): cpu_processes_defaults does that.
         model_args, data_args, args = parse_stage_recipe(spec.config_class(), recipe, where, {}, apply_env=False)
-        check = spec.check_function()
-        if check is not None:
-            check(model_args, data_args, args)
         adapter = model_args.adapter_name_or_path
         if adapter and self.produced(adapter):
             model_args.adapter_name_or_path = None  # made by an earlier stage: checked when it exists
-        check_model_args(model_args)
+        check_stage_settings(spec, model_args, data_args, args, where)
         self._exists_or_produced(model_args.model_name_or_path, where, "model_name_or_path")
-        check_training_extras(args, where)
-        check_eval_settings(args, where)
         if not data_args.datasets:
             raise AlignError(f"{where}: key 'datasets' is empty; name at least one dataset")
         from align.data import _spec

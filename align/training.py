@@ -42,24 +42,32 @@ def _has_checkpoint(output_dir: str) -> bool:
     return any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
 
 
+def check_stage_settings(spec, model_args, data_args, args, source: str) -> None:
+    """The recipe checks a stage makes before loading anything, which the pipeline's --check makes too: the
+    stage's own, the model's and adapter's, the extras' and the eval settings'."""
+    from align.extras import check_training_extras
+    from align.preflight import check_eval_settings
+
+    check = spec.check_function()
+    if check is not None:
+        check(model_args, data_args, args)
+    check_model_args(model_args)
+    check_training_extras(args, source)
+    check_eval_settings(args, source)
+
+
 def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads
     (`preflight`: and the trainer on a stand-in model, which the launcher of several processes leaves to
     them: it would hold a GPU for the whole run)."""
-    from align.extras import check_training_extras
-    from align.preflight import check_eval_settings, preflight_trainer, quiet_libraries
+    from align.preflight import preflight_trainer, quiet_libraries
     from align.stages import training_stage
 
     spec = training_stage(stage)
     with warnings_unless_user_error():
         model_args, data_args, args = parse_stage_args(spec.config_class(), argv)
-        check = spec.check_function()
-        if check is not None:
-            check(model_args, data_args, args)
-        check_model_args(model_args)
         source = getattr(args, "_align_recipe_source", "recipe")
-        check_training_extras(args, source)
-        check_eval_settings(args, source)
+        check_stage_settings(spec, model_args, data_args, args, source)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]

@@ -1,13 +1,16 @@
 """The quickstart's table over several seeds, with its spread: mean ± sd of every model's pass@1 and
 pass@k turns, the chosen reward at the end of each preference stage, and the turn-2 share of the pairs.
 
-The first seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with every stage enabled: DPO,
-KTO, NCA's control chosen_sft and the second round);
-the others share its bootstrap (data + bootstrap stages) and rerun everything after it with their own
-seed (trees sampling, every training stage's `seed`). Each seed's pipeline lives in OUT/seed-S; a rerun
-skips finished stages, so an interrupted benchmark resumes.
+Every seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with every stage enabled: DPO,
+KTO, NCA's control chosen_sft and the second round) with its own seed in every stage: the bootstrap's
+rows (the data stage's seed) and their order, the trees' sampling, every training stage's `seed`. With
+`--shared-bootstrap` the seeds after the first reuse its data and bootstrap, so the spread leaves out
+how much the base model itself moves. Each seed's pipeline lives in OUT/seed-S; a rerun skips finished
+stages, so an interrupted benchmark resumes.
 
-    python benchmarks/quickstart_spread.py [--seeds 1 2 3] [--output outputs/quickstart-spread]
+    python benchmarks/quickstart_spread.py [--seeds 1 2 3] [--output outputs/quickstart-spread] [--shared-bootstrap]
+
+`--check` writes each seed's pipeline and runs `align run PIPELINE --check` on it, training nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path
                            json.dumps(stage))
         if stage["kind"] == "trees" or stage["kind"] in TRAINING:
             stage.setdefault("set", {})["seed"] = seed
+        elif stage["kind"] == "data":
+            stage["seed"] = stage.get("seed", 0) + seed
         stage.pop("enabled", None)  # DPO, KTO and chosen_sft too
         stages.append(stage)
     spec["stages"] = stages
@@ -87,6 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--output", default="outputs/quickstart-spread")
+    parser.add_argument("--shared-bootstrap", action="store_true",
+                        help="seeds after the first reuse its data and bootstrap (the issue allows it; faster)")
+    parser.add_argument("--check", action="store_true", help="write and check each seed's pipeline, train nothing")
     args = parser.parse_args()
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,15 +102,21 @@ def main() -> None:
     for seed in args.seeds:
         path = seeded_pipeline(seed, out, shared)
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "align", "run", str(path)], cwd=REPO)
+        proc = subprocess.run([sys.executable, "-m", "align", "run", str(path), *["--check"] * args.check], cwd=REPO)
         if proc.returncode:
             raise SystemExit(f"seed {seed}: align run {path} failed (exit {proc.returncode})")
-        shared = shared or out / f"seed-{seed}" / "bootstrap"
+        if args.check:
+            continue
+        if args.shared_bootstrap:
+            shared = shared or out / f"seed-{seed}" / "bootstrap"
         per_seed[seed] = {**collect(out / f"seed-{seed}"), "seconds": round(time.monotonic() - start)}
         print(json.dumps({"seed": seed, **per_seed[seed]}), flush=True)
+    if args.check:
+        return
     models = list(next(iter(per_seed.values()))["models"])
     columns = sorted({c for r in per_seed.values() for m in r["models"].values() for c in m})
-    lines = [f"seeds {args.seeds}; mean ± sd over seeds", "", "| model | " + " | ".join(columns) + " |",
+    bootstrap = "one bootstrap for all seeds" if args.shared_bootstrap else "a bootstrap of its own per seed"
+    lines = [f"seeds {args.seeds} ({bootstrap}); mean ± sd over seeds", "", "| model | " + " | ".join(columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name in models:
         lines.append(f"| {name} | " + " | ".join(mean_sd([r["models"][name].get(c) for r in per_seed.values()])

@@ -452,3 +452,30 @@ def test_turn2_probe_runs_on_the_char_model(capsys, monkeypatch):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["problems"] == 3 and set(result["pass@1"]) == {"first", "after_a_turn", "after_words"}
     assert all(rate in {round(k / 3, 4) for k in range(4)} for rate in result["pass@1"].values())  # eval's rounding
+
+
+def test_quickstart_spread_writes_seeded_pipelines_that_check_out(tmp_path, monkeypatch, capsys):
+    """`python benchmarks/quickstart_spread.py --check`: every seed's pipeline has every stage on, its own
+    seed in the data, trees and training stages, and passes `align run --check`; with --shared-bootstrap the
+    later seeds name the first seed's bootstrap instead of training their own."""
+    import importlib.util
+    import sys
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("quickstart_spread", REPO / "benchmarks" / "quickstart_spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    monkeypatch.setattr(sys, "argv", ["quickstart_spread.py", "--check", "--seeds", "4", "--output", str(tmp_path)])
+    spread.main()
+    pipeline = yaml.safe_load((tmp_path / "pipeline-seed-4.yaml").read_text())
+    stages = {s["name"]: s for s in pipeline["stages"]}
+    shipped = yaml.safe_load((REPO / "recipes" / "quickstart" / "pipeline.yaml").read_text())
+    assert list(stages) == [s["name"] for s in shipped["stages"]] and not any("enabled" in s for s in stages.values())
+    assert stages["data"]["seed"] == next(s for s in shipped["stages"] if s["name"] == "data")["seed"] + 4
+    assert {n for n, s in stages.items() if s.get("set", {}).get("seed") == 4} == {
+        "bootstrap", "trees", "sft", "nca", "chosen_sft", "dpo", "kto", "trees2", "sft2", "nca2"}
+    assert pipeline["output_dir"] == str(tmp_path / "seed-4")
+    shared = yaml.safe_load(spread.seeded_pipeline(5, tmp_path, tmp_path / "seed-4" / "bootstrap").read_text())
+    assert [s["name"] for s in shared["stages"]] == list(stages)[2:]
+    assert shared["stages"][0]["set"]["actor"]["model"] == str(tmp_path / "seed-4" / "bootstrap")

@@ -9,6 +9,10 @@ how much the base model itself moves. Each seed's pipeline lives in OUT/seed-S; 
 stages, so an interrupted benchmark resumes.
 
     python benchmarks/quickstart_spread.py [--seeds 1 2 3] [--output outputs/quickstart-spread] [--shared-bootstrap]
+        [--digits 3 --bootstrap-steps 400]
+
+`--digits 3 --bootstrap-steps 400` is the variant with headroom (benchmarks/RESULTS.md): a longer bootstrap,
+and the trees, round 2 and eval on 3-digit sums, where it leaves half the problems unsolved.
 
 `--check` writes each seed's pipeline and runs `align run PIPELINE --check` on it, training nothing.
 """
@@ -31,7 +35,14 @@ TRAINING = ("sft", "nca", "dpo", "kto")
 PREFERENCE = ("nca", "dpo", "kto", "nca2")
 
 
-def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path:
+def with_digits(problems: str, digits: int) -> str:
+    """`addition:N:SEED:DIGITS:SPLIT` with another digit count."""
+    kind, n, seed, _, split = problems.split(":")
+    return ":".join([kind, n, seed, str(digits), split])
+
+
+def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None, digits: int | None = None,
+                    bootstrap_steps: int | None = None) -> Path:
     spec = yaml.safe_load(PIPELINE.read_text())
     spec["output_dir"] = str(out / f"seed-{seed}")
     stages = []
@@ -44,6 +55,14 @@ def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None) -> Path
             stage.setdefault("set", {})["seed"] = seed
         elif stage["kind"] == "data":
             stage["seed"] = stage.get("seed", 0) + seed
+        if stage["name"] == "bootstrap" and bootstrap_steps:
+            stage["set"]["max_steps"] = bootstrap_steps
+        if digits and stage["kind"] == "trees":
+            trees = yaml.safe_load((REPO / stage["recipe"]).read_text())
+            stage["set"]["problems"] = with_digits(stage["set"].get("problems", trees["problems"]), digits)
+            stage["set"]["actor"]["max_new_tokens"] = max(trees["actor"]["max_new_tokens"], 16 * digits)
+        if digits and stage["kind"] == "eval":
+            stage["problems"] = with_digits(stage["problems"], digits)
         stage.pop("enabled", None)  # DPO, KTO and chosen_sft too
         stages.append(stage)
     spec["stages"] = stages
@@ -95,12 +114,14 @@ def main() -> None:
     parser.add_argument("--shared-bootstrap", action="store_true",
                         help="seeds after the first reuse its data and bootstrap (the issue allows it; faster)")
     parser.add_argument("--check", action="store_true", help="write and check each seed's pipeline, train nothing")
+    parser.add_argument("--digits", type=int, help="the trees and eval on sums of this many digits (headroom: 3)")
+    parser.add_argument("--bootstrap-steps", type=int, help="the bootstrap's max_steps (the recipe's by default)")
     args = parser.parse_args()
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     per_seed, shared = {}, None
     for seed in args.seeds:
-        path = seeded_pipeline(seed, out, shared)
+        path = seeded_pipeline(seed, out, shared, args.digits, args.bootstrap_steps)
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "align", "run", str(path), *["--check"] * args.check], cwd=REPO)
         if proc.returncode:

@@ -479,3 +479,9 @@ def test_quickstart_spread_writes_seeded_pipelines_that_check_out(tmp_path, monk
     shared = yaml.safe_load(spread.seeded_pipeline(5, tmp_path, tmp_path / "seed-4" / "bootstrap").read_text())
     assert [s["name"] for s in shared["stages"]] == list(stages)[2:]
     assert shared["stages"][0]["set"]["actor"]["model"] == str(tmp_path / "seed-4" / "bootstrap")
+    headroom = yaml.safe_load(spread.seeded_pipeline(6, tmp_path, None, digits=3, bootstrap_steps=400).read_text())
+    changed = {s["name"]: s for s in headroom["stages"]}
+    assert changed["bootstrap"]["set"]["max_steps"] == 400 and changed["eval"]["problems"] == "addition:500:999:3:heldout"
+    assert changed["trees"]["set"]["problems"] == "addition:3000:7:3:train"
+    assert changed["trees2"]["set"]["problems"] == "addition:3000:8:3:train"
+    assert changed["trees2"]["set"]["actor"] == {"model": "${bootstrap}", "adapter": "${sft}", "max_new_tokens": 48}

@@ -325,6 +325,7 @@ def stage_help(stage: str) -> str:
 # TRL's ModelConfig / ScriptArguments and alignment-handbook names -> ours (did-you-mean looks at both).
 TRL_NAMES = {"use_peft": "use_lora", "torch_dtype": "dtype", "warmup_ratio": "warmup_steps",
              "max_seq_length": "max_length", "evaluation_strategy": "eval_strategy",
+             "group_by_length": "train_sampling_strategy: group_by_length",
              "lora_target_modules": "lora_attention_modules",
              "lora_target_parameters": "lora_experts / lora_router", "dataset_name": "datasets",
              "dataset_config": "datasets[].name", "dataset_train_split": "datasets[].split"}
@@ -350,6 +351,14 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     take("warmup_ratio", "warmup_steps")  # transformers 5: warmup_steps below 1 is a ratio
     take("max_seq_length", "max_length")  # older TRL
     take("evaluation_strategy", "eval_strategy")  # older transformers
+    if "group_by_length" in out:  # older transformers: a flag for what is now one train_sampling_strategy
+        grouped = out.pop("group_by_length")
+        if not isinstance(grouped, bool):
+            raise AlignError(f"{source}: key 'group_by_length' must be true or false, got {grouped!r}")
+        if grouped and "train_sampling_strategy" in out:
+            raise AlignError(f"{source}: keys 'group_by_length' and 'train_sampling_strategy' say the same thing; keep one")
+        if grouped:
+            out["train_sampling_strategy"] = "group_by_length"
     if "lora_target_modules" in out:
         modules = out.pop("lora_target_modules")
         if modules in ("all-linear", ["all-linear"]):

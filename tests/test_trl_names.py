@@ -106,6 +106,24 @@ def test_trl_names_map_onto_ours():
     assert not params.lora_experts
 
 
+def test_group_by_length_flag_of_older_transformers():
+    from trl import SFTConfig
+
+    from align.config import parse_stage_recipe
+    from align.errors import AlignError
+
+    def strategy(**keys):
+        recipe = {"datasets": ["d.jsonl"], "output_dir": "o", **keys}
+        return parse_stage_recipe(SFTConfig, recipe, "r.yaml", apply_env=False)[2].train_sampling_strategy
+
+    assert strategy(group_by_length=True) == "group_by_length"
+    assert strategy(group_by_length=False) == "random"
+    with pytest.raises(AlignError, match="r.yaml: key 'group_by_length' must be true or false, got 'yes'"):
+        strategy(group_by_length="yes")
+    with pytest.raises(AlignError, match="keys 'group_by_length' and 'train_sampling_strategy' say the same thing"):
+        strategy(group_by_length=True, train_sampling_strategy="random")
+
+
 @pytest.mark.parametrize("key,suggestion", [("use_pef", "use_peft"), ("lora_target_module", "lora_target_modules"),
                                             ("dataset_nam", "dataset_name"), ("lora_rr", "lora_r")])
 def test_did_you_mean_knows_both_names(key, suggestion):

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError
-from align.trees.backends import BackendError
-from align.trees.problems import Problem, load_problems
-from align.trees.sandbox import SandboxLimits
-from align.trees.verifiers import verify
+from align.backends import BackendError
+from align.tasks.problems import Problem, load_problems
+from align.tasks.sandbox import SandboxLimits
+from align.tasks.verifiers import verify
 
 
 @dataclass
@@ -63,7 +63,7 @@ class _ServerBatches:
     def __init__(self, spec):
         import asyncio
 
-        from align.trees.backends import ServerBackend
+        from align.backends import ServerBackend
 
         self.loop = asyncio.new_event_loop()
         self.backend = ServerBackend(spec)
@@ -91,7 +91,7 @@ class _ServerBatches:
 
 def make_eval_backend(m: dict, max_new_tokens: int):
     """Greedy decoding of one eval model: local (transformers, optional adapter) or served."""
-    from align.trees.backends import LocalBackend, ModelSpec
+    from align.backends import LocalBackend, ModelSpec
 
     if m.get("backend", "local") == "server":
         spec = ModelSpec(backend="server", model=m["model"], base_urls=list(m.get("base_urls") or []), temperature=0.0,
@@ -157,7 +157,7 @@ def set_labels(names: list[str]) -> dict[str, str]:
     standard set as NAME[:SPLIT] (read from a mirror too), a local file or folder by as many of its last
     path parts as tell it from the other sets' (never the whole local path), anything else as written."""
     from align.data import local_form
-    from align.trees.hub_sets import parse_spec
+    from align.tasks.hub_sets import parse_spec
 
     labels, local = {}, {}
     for name in names:
@@ -280,7 +280,7 @@ def multi_turn(backend, problems: list[Problem], first: list[str], first_correct
                batch_size: int, critic: str = "observation") -> tuple[dict, list[list[dict]]]:
     """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts; `critic`
     steps adds the first wrong step to each feedback turn, as in the trees."""
-    from align.trees.critic import feedback_turn, step_critique
+    from align.tasks.critic import feedback_turn, step_critique
 
     chats = [[{"role": "user", "content": p.instruction}, {"role": "assistant", "content": r}] for p, r in zip(problems, first)]
     solved = list(first_correct)

@@ -277,7 +277,7 @@ class Runner:
         return lines
 
     def _check_problems(self, problems, where: str) -> None:
-        from align.trees.problems import problems_location
+        from align.tasks.problems import problems_location
 
         for spec in [problems] if isinstance(problems, str) else problems:
             try:

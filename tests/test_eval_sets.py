@@ -14,8 +14,8 @@ import pytest
 
 from align.errors import AlignError
 from align.evaluate import pass_at_k, run_eval
-from align.trees.problems import load_problems
-from align.trees.verifiers import verify, verify_code
+from align.tasks.problems import load_problems
+from align.tasks.verifiers import verify, verify_code
 
 MBPP_ROWS = [  # the sanitized config's columns
     {"task_id": 11, "prompt": "Write a python function to remove first and last occurrence of a given character from the string.",

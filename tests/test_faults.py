@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from align.errors import AlignError
-from align.trees.backends import BackendError, ModelSpec, ServerBackend
+from align.backends import BackendError, ModelSpec, ServerBackend
 from align.trees.builder import build_trees, parse_trees_config
 from align.trees.store import iter_trees
 from conftest import REPO
@@ -145,7 +145,7 @@ def test_the_deadline_is_per_request_not_per_read(scripted):
 
 
 def test_retry_after_is_honoured_and_capped(scripted, monkeypatch):
-    import align.trees.backends as backends
+    import align.backends as backends
 
     handler, url = scripted
     handler.script = [("status", 503, {"Retry-After": "0.6"}), ("json", GOOD)]
@@ -189,7 +189,7 @@ def test_garbage_that_never_stops_becomes_a_failure_entry_and_a_rerun_finishes(t
 
 
 def test_llm_critic_template_with_literal_braces(tmp_path, scripted):
-    from align.trees.critic import fill_template
+    from align.tasks.critic import fill_template
 
     assert fill_template("{a} {problem} {{x}} {reference}", problem="P {reference}", reference="R") == "{a} P {reference} {{x}} R"
     handler, url = scripted
@@ -322,8 +322,8 @@ def test_exports_and_pushes_refuse_secrets(tmp_path, monkeypatch):
 
 
 def test_math_commas_are_thousands_separators_only():
-    from align.trees.problems import Problem
-    from align.trees.verifiers import verify_math
+    from align.tasks.problems import Problem
+    from align.tasks.verifiers import verify_math
 
     twelve = Problem(id="a", task="math", prompt="", answer="12")
     assert not verify_math(twelve, "\\boxed{1,2}").correct and verify_math(twelve, "\\boxed{12}").correct

@@ -1,4 +1,4 @@
-"""Literal asserts judged in the verifier's process (align/trees/literal_tests.py): what is planned, what is
+"""Literal asserts judged in the verifier's process (align/tasks/literal_tests.py): what is planned, what is
 left to the two-process path, and verdicts equal to the tests' own process on HumanEval."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from align.trees import literal_tests, sandbox
-from align.trees.literal_tests import Judge, plan
-from align.trees.problems import humaneval_problems
-from align.trees.sandbox import SandboxLimits
+from align.tasks import literal_tests, sandbox
+from align.tasks.literal_tests import Judge, plan
+from align.tasks.problems import humaneval_problems
+from align.tasks.sandbox import SandboxLimits
 
 
 def _check(*lines: str) -> str:

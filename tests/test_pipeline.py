@@ -119,7 +119,7 @@ def test_quickstart_pipeline_validates():
 
 def test_eval_metrics_on_fixed_answers():
     from align.evaluate import markdown_table, score
-    from align.trees.problems import Problem
+    from align.tasks.problems import Problem
 
     problems = [Problem(id="m1", task="math", prompt="1+1", answer="2"),
                 Problem(id="m2", task="math", prompt="2+2", answer="4"),
@@ -152,7 +152,7 @@ class ScriptedBackend:
 
 def test_multi_turn_eval_puts_the_critic_in_the_loop():
     from align.evaluate import generate_greedy, markdown_table, multi_turn, score
-    from align.trees.problems import Problem
+    from align.tasks.problems import Problem
 
     problems = [Problem(id=f"p{i}", task="math", prompt=f"{i}+{i}", answer=str(2 * i), prefix="") for i in range(4)]
     backend = ScriptedBackend({"0+0": [0], "1+1": [3, 2], "2+2": [5, 6, 4], "3+3": [1, 1, 1]})
@@ -201,7 +201,7 @@ def test_publish_dry_run_card_loads(sft_output, tmp_path):
 
 def test_addition_heldout_split_is_disjoint_and_unstructured():
     from align.quickstart import addition_sft_rows
-    from align.trees.problems import load_problems
+    from align.tasks.problems import load_problems
 
     heldout = {p.prompt for p in load_problems("addition:300:999:2:heldout")[0]}
     trees = {p.prompt for p in load_problems("addition:600:7:2:train")[0]}
@@ -295,7 +295,7 @@ class _Knower:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from align.trees.problems import load_problems
+        from align.tasks.problems import load_problems
 
         problems = load_problems(str(REPO / "data" / "problems" / "mixed_sample.jsonl"))[0]
         code = {"count_vowels": "def count_vowels(s):\n    return sum(c in 'aeiouAEIOU' for c in s)\n",
@@ -374,7 +374,7 @@ def test_mixtral_pipeline_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
 
 def test_the_eval_set_is_500_distinct_problems_apart_from_every_training_row_and_its_twin():
     from align.quickstart import addition_sft_rows
-    from align.trees.problems import load_problems
+    from align.tasks.problems import load_problems
 
     def pair(text):
         return tuple(sorted(map(int, text.split("+"))))
@@ -389,8 +389,8 @@ def test_the_eval_set_is_500_distinct_problems_apart_from_every_training_row_and
 
 
 def test_the_step_critic_names_the_first_wrong_step_without_the_answer():
-    from align.trees.critic import step_critique
-    from align.trees.problems import Problem, addition_steps
+    from align.tasks.critic import step_critique
+    from align.tasks.problems import Problem, addition_steps
 
     problem = Problem(id="a", task="math", prompt="57+68", answer="125", prefix="", extra={"solution": addition_steps(57, 68)})
     assert addition_steps(57, 68) == "7+8=15\n5+6+1=12\nAnswer: 125"

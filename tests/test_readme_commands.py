@@ -78,7 +78,7 @@ def smoke_trees_import(tmp_path, capsys, trees_dir, sft_output):
 
 
 def smoke_verify(tmp_path, capsys, trees_dir, sft_output):
-    from align.trees.problems import load_problems
+    from align.tasks.problems import load_problems
 
     problems = load_problems("arithmetic:2:0")[0]
     responses = tmp_path / "responses.jsonl"

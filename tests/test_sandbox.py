@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from align.trees.sandbox import SandboxLimits, capabilities, run_python
+from align.tasks.sandbox import SandboxLimits, capabilities, run_python
 
 TIMEOUT = 2.0
 LIMITS = SandboxLimits(timeout_s=TIMEOUT, memory_mb=512)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from align.trees.backends import ModelSpec
+from align.backends import ModelSpec
 from align.trees.builder import build_trees, parse_trees_config
 from align.trees.store import iter_trees
 
@@ -117,7 +117,7 @@ class BatchingOracle(OracleBackend):
 
 def test_batched_groups_give_the_trees_of_one_request_at_a_time(tmp_path):
     from align.trees.builder import derive_seed
-    from align.trees.problems import load_problems
+    from align.tasks.problems import load_problems
 
     config, actor, critic, limits = _config(tmp_path / "queue", max_turns=3)
     build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
@@ -144,7 +144,7 @@ def test_batched_groups_give_the_trees_of_one_request_at_a_time(tmp_path):
 def test_row_sampler_samples_softmax_within_top_p():
     import torch
 
-    from align.trees.backends import RowSampler
+    from align.backends import RowSampler
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
     rows = 20000
@@ -160,7 +160,7 @@ def test_row_sampler_samples_softmax_within_top_p():
 
 
 def test_local_samples_do_not_depend_on_their_batch():
-    from align.trees.backends import LocalBackend
+    from align.backends import LocalBackend
 
     backend = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=1.0, max_new_tokens=8))
     chat = lambda text: [{"role": "user", "content": text}]
@@ -343,7 +343,7 @@ def test_server_errors_are_retried_then_reported(tmp_path):
 
 
 def test_request_timeouts_are_retried(tmp_path):
-    from align.trees.backends import BackendError, ServerBackend
+    from align.backends import BackendError, ServerBackend
 
     class Slow(BaseHTTPRequestHandler):
         def log_message(self, *args):

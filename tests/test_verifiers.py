@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from align.trees.problems import Problem, humaneval_problems
-from align.trees.verifiers import final_answer, verify_code, verify_logic, verify_math
+from align.tasks.problems import Problem, humaneval_problems
+from align.tasks.verifiers import final_answer, verify_code, verify_logic, verify_math
 
 HUMANEVAL = humaneval_problems()
 
@@ -109,7 +109,7 @@ def test_verify_cli_prints_verdicts_and_tally(tmp_path):
 
 def test_bad_problem_rows_are_named(tmp_path):
     from align.errors import AlignError
-    from align.trees.problems import load_problems
+    from align.tasks.problems import load_problems
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"id": "a", "task": "math", "prompt": "1+1", "answer": "2"}) + "\n"

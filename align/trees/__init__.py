@@ -1,1 +1,2 @@
-"""UltraInteract-style preference trees: problems, verifiers, sandbox, model backends, builder, store, export."""
+"""UltraInteract-style preference trees: the builder, its store and the export; the problems, verifiers and
+critics they use are in align/tasks/, the model backends in align/backends.py."""

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError
-from align.trees.backends import BackendError, ModelSpec, make_backend
-from align.trees.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
-from align.trees.problems import Problem, load_problems
-from align.trees.sandbox import SandboxLimits
+from align.backends import BackendError, ModelSpec, make_backend
+from align.tasks.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
+from align.tasks.problems import Problem, load_problems
+from align.tasks.sandbox import SandboxLimits
 from align.trees.store import StoreLocked, TreeStore, write_atomic
-from align.trees.verifiers import verify
+from align.tasks.verifiers import verify
 
 BUILD_INFO = "build_info.json"
 

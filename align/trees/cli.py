@@ -64,7 +64,7 @@ def trees_main(argv: list[str]):
 
 
 def _limits(where: str, **values):
-    from align.trees.sandbox import SandboxLimits
+    from align.tasks.sandbox import SandboxLimits
 
     try:
         return SandboxLimits(**values)
@@ -81,8 +81,8 @@ def verify_main(argv: list[str]):
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per code run (default 10)")
     args = parser.parse_args(argv)
     limits = _limits("align verify", timeout_s=args.timeout)
-    from align.trees.problems import load_problems, read_jsonl
-    from align.trees.verifiers import verify
+    from align.tasks.problems import load_problems, read_jsonl
+    from align.tasks.verifiers import verify
 
     rows = read_jsonl(args.responses)  # every row checked before the first verdict
     problems = {p.id: p for p in load_problems(args.problems)[0]}
@@ -115,7 +115,7 @@ def sandbox_main(argv: list[str]):
     args = parser.parse_args(argv)
     limits = _limits("align sandbox run", timeout_s=args.timeout, memory_mb=args.memory_mb)
     from align.errors import read_user_text
-    from align.trees.sandbox import run_python
+    from align.tasks.sandbox import run_python
 
     code = read_user_text(args.file, "program")
     result = run_python(code, limits)

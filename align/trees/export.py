@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from align.errors import AlignError
-from align.trees.problems import RELEASED_TASK
+from align.tasks.problems import RELEASED_TASK
 from align.trees.store import iter_trees
 
 

@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
-from align.trees.problems import Problem
-from align.trees.sandbox import SandboxLimits, run_tests_isolated
+from align.tasks.problems import Problem
+from align.tasks.sandbox import SandboxLimits, run_tests_isolated
 
 
 @dataclass
@@ -178,7 +178,7 @@ def extract_code(response: str) -> str | None:
 def verify_code(problem: Problem, response: str, limits: SandboxLimits | None = None) -> Verdict:
     """The problem's tests against the response's code. The tests run in a sandboxed process of their own
     and call the candidate, in a second one, through a channel that carries built-in values only, so the
-    verdict is decided where the candidate's code cannot reach (align/trees/_harness.py)."""
+    verdict is decided where the candidate's code cannot reach (align/tasks/_harness.py)."""
     code = extract_code(response)
     if code is None:
         return Verdict(False, "No code block found.", None)

@@ -1,6 +1,6 @@
 """Run untrusted, model-written Python with time, memory, process, disk, output and network limits.
 
-Runs are forked from a small zygote process (align/trees/_zygote.py), started once with an environment
+Runs are forked from a small zygote process (align/tasks/_zygote.py), started once with an environment
 built from nothing, so a run costs a fork rather than an interpreter start and inherits no variable of
 ours (no token, no key). Every child of a run gets: its own session, a private temporary directory (a
 tmpfs of `max_disk_mb`, deleted afterwards, where mount namespaces work), a wall-clock timeout enforced
@@ -22,7 +22,7 @@ How processes are contained depends on what the machine allows (`capabilities()`
   module is disabled inside the child instead (`network` in the result says which).
 
 Code verification (`run_tests_isolated`) runs the tests and the candidate in two such children; see
-align/trees/_harness.py.
+align/tasks/_harness.py.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from align.trees import literal_tests
+from align.tasks import literal_tests
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -409,7 +409,7 @@ ZYGOTE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECO
 
 
 class _Zygote:
-    """Client of the zygote process (align/trees/_zygote.py) that forks the isolated children of a run."""
+    """Client of the zygote process (align/tasks/_zygote.py) that forks the isolated children of a run."""
 
     def __init__(self, python: str, own_netns: bool = False):
         self.own_netns = own_netns
@@ -728,7 +728,7 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
                        limits: SandboxLimits | None = None) -> TestOutcome:
     """The problem's tests against the candidate's code, judged where the candidate cannot reach.
 
-    Tests made only of literal asserts (align/trees/literal_tests.py) are judged in this process: the
+    Tests made only of literal asserts (align/tasks/literal_tests.py) are judged in this process: the
     candidate runs alone in the sandbox, gets the calls' arguments and streams back its results as built-in
     values. Any other tests run as the tests' `check(candidate)` in a sandboxed process of their own, the
     candidate's code in another, the verdict coming from the tests' side over a pipe; that falls back to one

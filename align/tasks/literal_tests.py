@@ -23,7 +23,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
-from align.trees import _harness
+from align.tasks import _harness
 
 # Pure functions of built-in values that asserts commonly wrap results in.
 _FUNCTIONS = {"abs": abs, "len": len, "round": round, "sorted": sorted, "set": set, "tuple": tuple,
@@ -109,7 +109,7 @@ def sandbox_interpreter_matches() -> bool:
     are different versions (`sum` of floats differs between 3.11 and 3.12), the judge is not used."""
     import subprocess
 
-    from align.trees.sandbox import _python_for_runs, capabilities
+    from align.tasks.sandbox import _python_for_runs, capabilities
 
     python = _python_for_runs(capabilities()["root"])
     if python == sys.executable:

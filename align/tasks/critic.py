@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from align.errors import AlignError, read_user_text
-from align.trees.problems import Problem
+from align.tasks.problems import Problem
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "critic.txt"
 

@@ -353,10 +353,14 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     take("evaluation_strategy", "eval_strategy")  # older transformers
     if "group_by_length" in out:  # older transformers: a flag for what is now one train_sampling_strategy
         grouped = out.pop("group_by_length")
+        grouped = {"true": True, "false": False}.get(grouped.lower(), grouped) if isinstance(grouped, str) else grouped
         if not isinstance(grouped, bool):
             raise AlignError(f"{source}: key 'group_by_length' must be true or false, got {grouped!r}")
-        if grouped and "train_sampling_strategy" in out:
+        strategy = out.get("train_sampling_strategy")
+        if grouped and strategy is not None:
             raise AlignError(f"{source}: keys 'group_by_length' and 'train_sampling_strategy' say the same thing; keep one")
+        if not grouped and strategy == "group_by_length":
+            raise AlignError(f"{source}: group_by_length: false contradicts train_sampling_strategy: group_by_length")
         if grouped:
             out["train_sampling_strategy"] = "group_by_length"
     if "lora_target_modules" in out:

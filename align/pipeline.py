@@ -313,8 +313,8 @@ class Runner:
 
     def _check_training(self, kind: str, recipe: dict, where: str) -> None:
         from align.config import parse_stage_recipe
+        from align.preflight import check_stage_settings
         from align.stages import training_stage
-        from align.training import check_stage_settings
 
         spec = training_stage(kind)
         # On a machine without an accelerator a GPU recipe is checked as the CPU would run it (TRL refuses

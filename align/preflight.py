@@ -36,6 +36,20 @@ def check_eval_settings(args, source: str) -> None:
                          "which this stage does not run")
 
 
+def check_stage_settings(spec, model_args, data_args, args, source: str) -> None:
+    """The recipe checks a stage makes before loading anything, which the pipeline's --check makes too: the
+    stage's own, the model's and adapter's, the extras' and the eval settings'."""
+    from align.extras import check_training_extras
+    from align.models import check_model_args
+
+    check = spec.check_function()
+    if check is not None:
+        check(model_args, data_args, args)
+    check_model_args(model_args)
+    check_training_extras(args, source)
+    check_eval_settings(args, source)
+
+
 def _stand_in_config(model_path: str):
     from transformers import AutoConfig
 

@@ -16,7 +16,7 @@ import yaml
 from align.config import parse_stage_args, resolved_config
 from align.data import load_training_data
 from align.errors import AlignError, warnings_unless_user_error
-from align.models import check_model_args, load_model, load_tokenizer, resolve_model_path
+from align.models import load_model, load_tokenizer, resolve_model_path
 from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_trainable_report
 
@@ -42,25 +42,11 @@ def _has_checkpoint(output_dir: str) -> bool:
     return any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
 
 
-def check_stage_settings(spec, model_args, data_args, args, source: str) -> None:
-    """The recipe checks a stage makes before loading anything, which the pipeline's --check makes too: the
-    stage's own, the model's and adapter's, the extras' and the eval settings'."""
-    from align.extras import check_training_extras
-    from align.preflight import check_eval_settings
-
-    check = spec.check_function()
-    if check is not None:
-        check(model_args, data_args, args)
-    check_model_args(model_args)
-    check_training_extras(args, source)
-    check_eval_settings(args, source)
-
-
 def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads
     (`preflight`: and the trainer on a stand-in model, which the launcher of several processes leaves to
     them: it would hold a GPU for the whole run)."""
-    from align.preflight import preflight_trainer, quiet_libraries
+    from align.preflight import check_stage_settings, preflight_trainer, quiet_libraries
     from align.stages import training_stage
 
     spec = training_stage(stage)

@@ -3,10 +3,11 @@ pass@k turns, the chosen reward at the end of each preference stage, and the tur
 
 Every seed runs the whole quickstart (`recipes/quickstart/pipeline.yaml` with every stage enabled: DPO,
 KTO, NCA's control chosen_sft and the second round) with its own seed in every stage: the bootstrap's
-rows (the data stage's seed) and their order, the trees' sampling, every training stage's `seed`. With
-`--shared-bootstrap` the seeds after the first reuse its data and bootstrap, so the spread leaves out
-how much the base model itself moves. Each seed's pipeline lives in OUT/seed-S; a rerun skips finished
-stages, so an interrupted benchmark resumes.
+rows (the data stage's seed plus S) and their order, the trees' sampling, every training stage's `seed`;
+seed 0 is the quickstart as shipped. With `--shared-bootstrap` (how the spreads before 2026-12-01, night,
+were run) the data stage keeps its seed and the seeds after the first reuse the first one's bootstrap,
+so the spread leaves out how much the base model itself moves. Each seed's pipeline lives in OUT/seed-S;
+a rerun skips finished stages, so an interrupted benchmark resumes.
 
     python benchmarks/quickstart_spread.py [--seeds 1 2 3] [--output outputs/quickstart-spread] [--shared-bootstrap]
         [--digits 3 --bootstrap-steps 400]
@@ -37,32 +38,47 @@ PREFERENCE = ("nca", "dpo", "kto", "nca2")
 
 def with_digits(problems: str, digits: int) -> str:
     """`addition:N:SEED:DIGITS:SPLIT` with another digit count."""
-    kind, n, seed, _, split = problems.split(":")
-    return ":".join([kind, n, seed, str(digits), split])
+    parts = problems.split(":")
+    if len(parts) != 5 or parts[0] != "addition":
+        raise SystemExit(f"--digits: the quickstart's problems {problems!r} are not addition:N:SEED:DIGITS:SPLIT")
+    return ":".join([*parts[:3], str(digits), parts[4]])
+
+
+def _substitute(value, old: str, new: str):
+    """`value` with every string equal to `old` replaced by `new` (the stage's structure, not its text)."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, old, new) for v in value]
+    return new if value == old else value
 
 
 def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None, digits: int | None = None,
-                    bootstrap_steps: int | None = None) -> Path:
+                    bootstrap_steps: int | None = None, own_rows: bool = True) -> Path:
+    """The quickstart's pipeline for one seed: every stage on, `seed` in the trees and training stages
+    (the bootstrap's too), the data stage's seed moved by `seed` when `own_rows` (seed 0 is the quickstart
+    as shipped); with `shared_bootstrap`, no data or bootstrap stage, and that folder as the bootstrap."""
     spec = yaml.safe_load(PIPELINE.read_text())
     spec["output_dir"] = str(out / f"seed-{seed}")
     stages = []
     for stage in spec["stages"]:
         if shared_bootstrap is not None and stage["name"] in ("data", "bootstrap"):
             continue
-        stage = json.loads(json.dumps(stage).replace("${bootstrap}", str(shared_bootstrap)) if shared_bootstrap else
-                           json.dumps(stage))
+        if shared_bootstrap is not None:
+            stage = _substitute(stage, "${bootstrap}", str(shared_bootstrap))
         if stage["kind"] == "trees" or stage["kind"] in TRAINING:
             stage.setdefault("set", {})["seed"] = seed
-        elif stage["kind"] == "data":
+        elif stage["kind"] == "data" and own_rows:
             stage["seed"] = stage.get("seed", 0) + seed
         if stage["name"] == "bootstrap" and bootstrap_steps:
             stage["set"]["max_steps"] = bootstrap_steps
         if digits and stage["kind"] == "trees":
             trees = yaml.safe_load((REPO / stage["recipe"]).read_text())
             stage["set"]["problems"] = with_digits(stage["set"].get("problems", trees["problems"]), digits)
-            stage["set"]["actor"]["max_new_tokens"] = max(trees["actor"]["max_new_tokens"], 16 * digits)
+            stage["set"].setdefault("actor", {})["max_new_tokens"] = max(trees["actor"]["max_new_tokens"], 16 * digits)
         if digits and stage["kind"] == "eval":
             stage["problems"] = with_digits(stage["problems"], digits)
+            stage["max_new_tokens"] = max(stage.get("max_new_tokens", 0), 16 * digits)
         stage.pop("enabled", None)  # DPO, KTO and chosen_sft too
         stages.append(stage)
     spec["stages"] = stages
@@ -114,14 +130,18 @@ def main() -> None:
     parser.add_argument("--shared-bootstrap", action="store_true",
                         help="seeds after the first reuse its data and bootstrap (the issue allows it; faster)")
     parser.add_argument("--check", action="store_true", help="write and check each seed's pipeline, train nothing")
-    parser.add_argument("--digits", type=int, help="the trees and eval on sums of this many digits (headroom: 3)")
+    parser.add_argument("--digits", type=int, choices=(1, 2, 3),
+                        help="the trees and eval on sums of this many digits (headroom: 3; held-out pairs go to 3)")
     parser.add_argument("--bootstrap-steps", type=int, help="the bootstrap's max_steps (the recipe's by default)")
     args = parser.parse_args()
+    if args.check and args.shared_bootstrap and len(args.seeds) > 1:
+        parser.error("--check with --shared-bootstrap: the later seeds name the first seed's bootstrap, which only "
+                     "a real run makes; check without --shared-bootstrap")
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     per_seed, shared = {}, None
     for seed in args.seeds:
-        path = seeded_pipeline(seed, out, shared, args.digits, args.bootstrap_steps)
+        path = seeded_pipeline(seed, out, shared, args.digits, args.bootstrap_steps, own_rows=not args.shared_bootstrap)
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "align", "run", str(path), *["--check"] * args.check], cwd=REPO)
         if proc.returncode:

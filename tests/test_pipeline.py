@@ -454,34 +454,79 @@ def test_turn2_probe_runs_on_the_char_model(capsys, monkeypatch):
     assert all(rate in {round(k / 3, 4) for k in range(4)} for rate in result["pass@1"].values())  # eval's rounding
 
 
-def test_quickstart_spread_writes_seeded_pipelines_that_check_out(tmp_path, monkeypatch, capsys):
-    """`python benchmarks/quickstart_spread.py --check`: every seed's pipeline has every stage on, its own
-    seed in the data, trees and training stages, and passes `align run --check`; with --shared-bootstrap the
-    later seeds name the first seed's bootstrap instead of training their own."""
+def _spread_module():
     import importlib.util
-    import sys
-
-    import yaml
 
     spec = importlib.util.spec_from_file_location("quickstart_spread", REPO / "benchmarks" / "quickstart_spread.py")
     spread = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(spread)
-    monkeypatch.setattr(sys, "argv", ["quickstart_spread.py", "--check", "--seeds", "4", "--output", str(tmp_path)])
+    return spread
+
+
+def test_quickstart_spread_writes_seeded_pipelines_that_check_out(tmp_path, monkeypatch):
+    """`python benchmarks/quickstart_spread.py --check`: every seed's pipeline has every stage on, its own
+    seed in the data, trees and training stages, and passes `align run --check`; so does the variant with
+    headroom (--digits 3 --bootstrap-steps 400); seed 0 is the quickstart as shipped."""
+    import sys
+
+    import yaml
+
+    spread = _spread_module()
+    monkeypatch.setattr(sys, "argv", ["quickstart_spread.py", "--check", "--seeds", "4", "--output", str(tmp_path / "a")])
     spread.main()
-    pipeline = yaml.safe_load((tmp_path / "pipeline-seed-4.yaml").read_text())
+    monkeypatch.setattr(sys, "argv", ["quickstart_spread.py", "--check", "--seeds", "6", "--digits", "3",
+                                      "--bootstrap-steps", "400", "--output", str(tmp_path / "b")])
+    spread.main()
+    pipeline = yaml.safe_load((tmp_path / "a" / "pipeline-seed-4.yaml").read_text())
     stages = {s["name"]: s for s in pipeline["stages"]}
     shipped = yaml.safe_load((REPO / "recipes" / "quickstart" / "pipeline.yaml").read_text())
     assert list(stages) == [s["name"] for s in shipped["stages"]] and not any("enabled" in s for s in stages.values())
     assert stages["data"]["seed"] == next(s for s in shipped["stages"] if s["name"] == "data")["seed"] + 4
     assert {n for n, s in stages.items() if s.get("set", {}).get("seed") == 4} == {
         "bootstrap", "trees", "sft", "nca", "chosen_sft", "dpo", "kto", "trees2", "sft2", "nca2"}
-    assert pipeline["output_dir"] == str(tmp_path / "seed-4")
-    shared = yaml.safe_load(spread.seeded_pipeline(5, tmp_path, tmp_path / "seed-4" / "bootstrap").read_text())
-    assert [s["name"] for s in shared["stages"]] == list(stages)[2:]
-    assert shared["stages"][0]["set"]["actor"]["model"] == str(tmp_path / "seed-4" / "bootstrap")
-    headroom = yaml.safe_load(spread.seeded_pipeline(6, tmp_path, None, digits=3, bootstrap_steps=400).read_text())
-    changed = {s["name"]: s for s in headroom["stages"]}
-    assert changed["bootstrap"]["set"]["max_steps"] == 400 and changed["eval"]["problems"] == "addition:500:999:3:heldout"
-    assert changed["trees"]["set"]["problems"] == "addition:3000:7:3:train"
-    assert changed["trees2"]["set"]["problems"] == "addition:3000:8:3:train"
-    assert changed["trees2"]["set"]["actor"] == {"model": "${bootstrap}", "adapter": "${sft}", "max_new_tokens": 48}
+    assert pipeline["output_dir"] == str(tmp_path / "a" / "seed-4")
+    headroom = {s["name"]: s for s in yaml.safe_load((tmp_path / "b" / "pipeline-seed-6.yaml").read_text())["stages"]}
+    assert headroom["bootstrap"]["set"]["max_steps"] == 400 and headroom["eval"]["problems"] == "addition:500:999:3:heldout"
+    assert headroom["trees"]["set"]["problems"] == "addition:3000:7:3:train"
+    assert headroom["trees2"]["set"]["problems"] == "addition:3000:8:3:train"
+    assert headroom["trees2"]["set"]["actor"] == {"model": "${bootstrap}", "adapter": "${sft}", "max_new_tokens": 48}
+    as_shipped = yaml.safe_load(spread.seeded_pipeline(0, tmp_path, None).read_text())["stages"]
+    for ours, theirs in zip(as_shipped, shipped["stages"], strict=True):
+        theirs.pop("enabled", None)
+        if ours.get("set", {}).get("seed") == 0:
+            recipe = yaml.safe_load((REPO / ours["recipe"]).read_text())
+            assert recipe["seed"] == ours["set"].pop("seed"), ours["name"]  # the recipe's own seed: unchanged
+        assert ours == theirs
+
+
+def test_quickstart_spread_shares_a_bootstrap_only_when_asked(tmp_path, monkeypatch):
+    """Each seed trains its own bootstrap on its own rows; with --shared-bootstrap the data keeps its seed
+    and the later seeds name the first seed's bootstrap."""
+    import sys
+
+    import yaml
+
+    spread = _spread_module()
+    ran = []
+    monkeypatch.setattr(spread.subprocess, "run", lambda cmd, cwd: ran.append(cmd[-1]) or
+                        __import__("types").SimpleNamespace(returncode=0))
+    monkeypatch.setattr(spread, "collect", lambda seed_dir: {"models": {"sft": {"pass@1": 0.5}}, "chosen_reward": {
+        s: None for s in spread.PREFERENCE}, "turn2_pair_share": 0.0})
+    for shared in (False, True):
+        out = tmp_path / str(shared)
+        monkeypatch.setattr(sys, "argv", ["quickstart_spread.py", "--seeds", "1", "2", "--output", str(out),
+                                          *["--shared-bootstrap"] * shared])
+        spread.main()
+        first, second = (yaml.safe_load((out / f"pipeline-seed-{s}.yaml").read_text())["stages"] for s in (1, 2))
+        data_seed = next(s for s in first if s["name"] == "data")["seed"]
+        second_names = [s["name"] for s in second]
+        trees = next(s for s in second if s["name"] == "trees")["set"]["actor"]["model"]
+        if shared:
+            assert data_seed == 12345 and "bootstrap" not in second_names
+            assert trees == str(out / "seed-1" / "bootstrap")
+        else:
+            assert data_seed == 12346 and "bootstrap" in second_names and trees == "${bootstrap}"
+            assert next(s for s in second if s["name"] == "data")["seed"] == 12347
+        assert "one bootstrap for all seeds" in (out / "spread.md").read_text() if shared else \
+            "a bootstrap of its own per seed" in (out / "spread.md").read_text()
+    assert ran == [str(tmp_path / str(shared) / f"pipeline-seed-{s}.yaml") for shared in (False, True) for s in (1, 2)]

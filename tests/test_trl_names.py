@@ -122,6 +122,19 @@ def test_group_by_length_flag_of_older_transformers():
         strategy(group_by_length="yes")
     with pytest.raises(AlignError, match="keys 'group_by_length' and 'train_sampling_strategy' say the same thing"):
         strategy(group_by_length=True, train_sampling_strategy="random")
+    with pytest.raises(AlignError, match="group_by_length: false contradicts train_sampling_strategy: group_by_length"):
+        strategy(group_by_length=False, train_sampling_strategy="group_by_length")
+
+
+@pytest.mark.parametrize("argv,expected", [(["--group_by_length"], "group_by_length"),
+                                           (["--group_by_length", "true"], "group_by_length"),
+                                           (["--group_by_length", "False"], "random")])
+def test_group_by_length_on_the_command_line(argv, expected):
+    from align.config import parse_stage_args
+
+    recipe = REPO / "recipes" / "tiny-mixtral" / "sft.yaml"
+    args = parse_stage_args(__import__("trl").SFTConfig, ["--config", str(recipe), "--output_dir", "o", *argv])[2]
+    assert args.train_sampling_strategy == expected
 
 
 @pytest.mark.parametrize("key,suggestion", [("use_pef", "use_peft"), ("lora_target_module", "lora_target_modules"),

@@ -530,3 +530,12 @@ def test_quickstart_spread_shares_a_bootstrap_only_when_asked(tmp_path, monkeypa
         assert "one bootstrap for all seeds" in (out / "spread.md").read_text() if shared else \
             "a bootstrap of its own per seed" in (out / "spread.md").read_text()
     assert ran == [str(tmp_path / str(shared) / f"pipeline-seed-{s}.yaml") for shared in (False, True) for s in (1, 2)]
+
+
+def test_quickstart_spread_reads_the_chosen_reward_of_a_full_logging_window(tmp_path):
+    spread = _spread_module()
+    history = [{"step": 5, "loss": 1.0, "rewards/chosen": 0.01}, {"step": 10, "loss": 1.0, "rewards/chosen": -0.005},
+               {"step": 11, "loss": 1.0, "rewards/chosen": -0.21}, {"step": 11, "train_loss": 1.0}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"logging_steps": 5, "log_history": history}))
+    assert spread.final_chosen_reward(tmp_path) == -0.005
+    assert spread.final_chosen_reward(tmp_path / "missing") is None

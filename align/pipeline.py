@@ -169,13 +169,15 @@ def load_pipeline(path: str) -> dict:
     return spec
 
 
-def _substitute(value, folders: dict[str, str]):
+def substitute_refs(value, folders: dict[str, str]):
+    """`value` (a stage or part of one) with each `${name}` of `folders` replaced by its folder; a reference
+    to a name not in `folders` stays (load_pipeline has refused those that name no stage)."""
     if isinstance(value, str):
-        return REF.sub(lambda m: folders[m.group(1)], value)
+        return REF.sub(lambda m: folders.get(m.group(1), m.group(0)), value)
     if isinstance(value, list):
-        return [_substitute(v, folders) for v in value]
+        return [substitute_refs(v, folders) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, folders) for k, v in value.items()}
+        return {k: substitute_refs(v, folders) for k, v in value.items()}
     return value
 
 
@@ -208,10 +210,10 @@ class Runner:
     # ------------------------------------------------------------ resolution
     def resolve(self, stage: dict) -> dict:
         """The stage with references replaced and its recipe merged in: what it runs, and what its hash covers."""
-        resolved = _substitute({k: v for k, v in stage.items() if k not in ("set",)}, self.folders)
+        resolved = substitute_refs({k: v for k, v in stage.items() if k not in ("set",)}, self.folders)
         if stage.get("recipe"):
             recipe = load_recipe_file(stage["recipe"])
-            recipe = _deep_merge(recipe, _substitute(stage.get("set") or {}, self.folders))
+            recipe = _deep_merge(recipe, substitute_refs(stage.get("set") or {}, self.folders))
             recipe["output_dir"] = self.folders[stage["name"]]
             resolved["resolved_recipe"] = recipe
         return resolved

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from align.pipeline import substitute_refs
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "recipes" / "quickstart" / "pipeline.yaml"
 TRAINING = ("sft", "nca", "dpo", "kto")
@@ -44,15 +46,6 @@ def with_digits(problems: str, digits: int) -> str:
     return ":".join([*parts[:3], str(digits), parts[4]])
 
 
-def _substitute(value, old: str, new: str):
-    """`value` with every string equal to `old` replaced by `new` (the stage's structure, not its text)."""
-    if isinstance(value, dict):
-        return {k: _substitute(v, old, new) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, old, new) for v in value]
-    return new if value == old else value
-
-
 def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None, digits: int | None = None,
                     bootstrap_steps: int | None = None, own_rows: bool = True) -> Path:
     """The quickstart's pipeline for one seed: every stage on, `seed` in the trees and training stages
@@ -62,10 +55,10 @@ def seeded_pipeline(seed: int, out: Path, shared_bootstrap: Path | None, digits:
     spec["output_dir"] = str(out / f"seed-{seed}")
     stages = []
     for stage in spec["stages"]:
-        if shared_bootstrap is not None and stage["name"] in ("data", "bootstrap"):
-            continue
         if shared_bootstrap is not None:
-            stage = _substitute(stage, "${bootstrap}", str(shared_bootstrap))
+            if stage["name"] in ("data", "bootstrap"):
+                continue
+            stage = substitute_refs(stage, {"bootstrap": str(shared_bootstrap)})
         if stage["kind"] == "trees" or stage["kind"] in TRAINING:
             stage.setdefault("set", {})["seed"] = seed
         elif stage["kind"] == "data" and own_rows:

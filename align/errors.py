@@ -40,11 +40,21 @@ def exit_on_user_error(fn):
 @contextlib.contextmanager
 def warnings_unless_user_error():
     """Hold back the warnings raised inside (libraries warn while parsing configs, e.g. about their own
-    deprecated defaults): re-issued as usual when the block succeeds, dropped when it ends in an AlignError,
-    whose one line must stay the only line."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    deprecated defaults): re-issued as usual when the block succeeds; when it ends in an AlignError, whose
+    one line must stay the only line, they go to the library log only (align/environment.py)."""
+    import logging
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except AlignError:
+        from align.environment import log_to_library
+
+        for w in caught:
+            log_to_library(logging.WARNING, "py.warnings",
+                           warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip())
+        raise
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 

@@ -35,6 +35,7 @@ import yaml
 
 from align.config import load_recipe_file
 from align.data import local_form
+from align.environment import LIBRARY_LOG_ENV
 from align.errors import AlignError
 from align.stages import TRAINING_STAGES
 
@@ -345,7 +346,8 @@ class Runner:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file)}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file),
+                   LIBRARY_LOG_ENV: "-"}  # the stage's stderr is its log: other libraries' records go there
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             start = time.monotonic()
             stop = threading.Event()

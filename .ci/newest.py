@@ -81,7 +81,7 @@ def compare(old: dict, new: dict) -> list[str]:
 
 
 def run_suite(venv: Path, pytest_args: list[str]) -> tuple[bool, list[str]]:
-    proc = _run([str(venv / "bin" / "python"), "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+    proc = _run([str(venv / "bin" / "python"), "-m", "pytest", "-rfE", "-p", "no:cacheprovider",
                  *pytest_args], cwd=REPO, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     failures = [line for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))]

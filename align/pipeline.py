@@ -429,7 +429,10 @@ class Runner:
             cmd += ["--dataset-repo-id", repo]
         if not resolved.get("push"):
             cmd.append("--dry-run")
-        self._run(cmd, log, stage["name"])
+        # the source stage's credentials, in memory: the publish checks the folder for their values too
+        source_stage = next(s for s in self.spec["stages"] if s["name"] == resolved["source"])
+        source_recipe = self.resolve(source_stage).get("resolved_recipe") or {}
+        self._run(cmd, log, stage["name"], {str(Path(source) / "recipe.yaml"): mask(source_recipe)[1]})
         return [str(folder / "hub")]
 
     def run(self, only: str | None = None, start_from: str | None = None, enable: set[str] = frozenset()) -> int:

@@ -203,18 +203,18 @@ def restore(path: str | os.PathLike, data: Any, environ=None) -> Any:
 
 
 def secret_values(environ=None) -> dict[str, str]:
-    """Values to search exports and pushes for: secret-looking variables, the credentials held in memory,
-    and those the pipeline handed this process."""
+    """Values to search exports and pushes for, by what to call them: secret-looking variables ($NAME), the
+    credentials held in memory, and those the pipeline handed this process."""
     environ = os.environ if environ is None else environ
-    out = {name: value for name, value in environ.items()
+    out = {f"${name}": value for name, value in environ.items()
            if SECRET_NAME.search(name) and name != RECIPE_SECRETS_ENV and len(value.strip()) >= MIN_SECRET_LENGTH}
     if environ is os.environ:
-        out.update({f"{name} (given in the recipe)": v for (_, name), v in _HELD.items() if len(v.strip()) >= MIN_SECRET_LENGTH})
+        out.update({f"the {name} given to this stage": v for (_, name), v in _HELD.items() if len(v.strip()) >= MIN_SECRET_LENGTH})
     for file, found in _handed_secrets(environ).items():
         for keys, _, original in found:
             for value in _strings(original):
                 if len(value.strip()) >= MIN_SECRET_LENGTH:
-                    out[f"{'.'.join(map(str, keys))} of {Path(file).name}"] = value
+                    out[f"the {'.'.join(map(str, keys))} of {file}"] = value
     return out
 
 
@@ -245,7 +245,7 @@ def check_rows(rows, where: str, secrets: dict[str, str] | None = None) -> None:
     for i, row in enumerate(rows):
         name = find_secret(json.dumps(row, ensure_ascii=False, default=str), secrets)
         if name:
-            raise AlignError(f"{where}: row {i} contains the value of ${name}; refusing to write it "
+            raise AlignError(f"{where}: row {i} contains the value of {name}; refusing to write it "
                              "(remove the secret from the data, or unset the variable if it is not one)")
 
 
@@ -424,7 +424,7 @@ def check_folder(folder: str | os.PathLike, secrets: dict[str, str] | None = Non
             for chunk in chunks:
                 for name, needle in needles.items():
                     if needle in chunk:
-                        raise AlignError(f"{path}: contains the value of ${name}; refusing to push it "
+                        raise AlignError(f"{path}: contains the value of {name}; refusing to push it "
                                          "(remove the secret from the data, or unset the variable if it is not one)")
         if patterns:
             found = credential_in_file(path)

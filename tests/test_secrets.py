@@ -283,3 +283,14 @@ def test_publish_masks_a_config_written_before_secrets_were_masked(sft_output, t
     assert main([str(stage), "--repo-id", "me/tiny", "--dry-run", "--output", str(tmp_path / "hub")]) == 0
     assert _files_holding(tmp_path / "hub", PLAIN_TOKEN) == []
     assert yaml.safe_load((tmp_path / "hub" / "align_config.yaml").read_text())["training"]["hub_token"] == MASK
+
+
+def test_a_trees_build_records_its_settings_masked_and_still_resumes(tmp_path):
+    from align.trees.builder import _check_or_record_settings
+
+    settings = {"actor": {"backend": "server", "base_urls": ["http://me:pw-4711-secret@127.0.0.1:8000/v1"]}, "seed": 1}
+    _check_or_record_settings(tmp_path, settings, "align trees build --config r.yaml")
+    assert _files_holding(tmp_path, "pw-4711-secret") == [] and "127.0.0.1:8000" in (tmp_path / "build_info.json").read_text()
+    _check_or_record_settings(tmp_path, settings, "align trees build --config r.yaml")  # the same settings: resumes
+    with pytest.raises(AlignError, match="changed: seed"):
+        _check_or_record_settings(tmp_path, {**settings, "seed": 2}, "")

@@ -17,6 +17,7 @@ from conftest import REPO, stage_args
 HUB_TOKEN = "hf_" + "Zq7Lw2Xc9Vb4Nm1Ks8Jd3Hf6Gt5Ry0Ue"  # the shape of a Hub token (not a real one)
 PLAIN_TOKEN = "my-own-write-token-4711"  # a token that no pattern knows: only its key says what it is
 TRACKER_KEY = "tracker-key-value-0815"  # in a recipe's env:
+PLANTED = "planted-by-hand-9731"  # a token no stage of this process was given (so only its key gives it away)
 
 
 def _files_holding(folder: Path, *values: str) -> list[str]:
@@ -262,10 +263,10 @@ def test_a_push_refuses_a_token_planted_in_a_pickle(kind, sft_output, tmp_path, 
     stage = _stage_copy(sft_output, tmp_path)
     target = stage / "training_args.bin"
     if kind == "torch.save":
-        torch.save(trl.SFTConfig(output_dir=str(stage), hub_token=PLAIN_TOKEN, report_to="none", use_cpu=True, bf16=False),
+        torch.save(trl.SFTConfig(output_dir=str(stage), hub_token=PLANTED, report_to="none", use_cpu=True, bf16=False),
                    target)
     else:
-        target.write_bytes(pickle.dumps({"settings": {"wandb_api_key": PLAIN_TOKEN}}))
+        target.write_bytes(pickle.dumps({"settings": {"wandb_api_key": PLANTED}}))
     with pytest.raises(AlignError, match=rf"^{target}: holds what looks like a credential \(key '(hub_token|wandb_api_key)'"):
         push_folder(str(stage), "me/tiny")
     assert fake_hub == []

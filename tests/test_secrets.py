@@ -295,3 +295,16 @@ def test_a_trees_build_records_its_settings_masked_and_still_resumes(tmp_path):
     _check_or_record_settings(tmp_path, settings, "align trees build --config r.yaml")  # the same settings: resumes
     with pytest.raises(AlignError, match="changed: seed"):
         _check_or_record_settings(tmp_path, {**settings, "seed": 2}, "")
+
+
+def test_a_safetensors_file_is_searched_in_its_header_not_its_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from align.leaks import credential_in_file
+
+    weights = {"w": torch.randn(64, 64)}
+    save_file(weights, tmp_path / "clean.safetensors", metadata={"format": "pt"})
+    save_file(weights, tmp_path / "planted.safetensors", metadata={"format": "pt", "note": f"pushed with {HUB_TOKEN}"})
+    assert credential_in_file(tmp_path / "clean.safetensors") is None
+    assert "Hugging Face" in credential_in_file(tmp_path / "planted.safetensors")

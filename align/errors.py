@@ -30,7 +30,9 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except AlignError as err:
-            message = " ".join(str(err).split("\n"))
+            from align.leaks import mask_text
+
+            message = mask_text(" ".join(str(err).split("\n")))  # a credential a bad value quotes stays out of logs
             print(f"align: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(err.exit_code) from None
 

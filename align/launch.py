@@ -65,5 +65,7 @@ def relaunch_under_accelerate(stage: str, argv: list[str]) -> int:
     check_accelerate_config(config_file)
     prepare_stage(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
     cmd = accelerate_command(stage, str(config_file), rest)
-    print(f"[align] {stage}: launching accelerate launch {shlex.join(cmd[3:])}", flush=True)
+    from align.leaks import mask_argv
+
+    print(f"[align] {stage}: launching accelerate launch {shlex.join(mask_argv(cmd[3:]))}", flush=True)
     return subprocess.call(cmd)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from align.data import local_form
 from align.errors import AlignError
+from align.hub import hub_call
 
 
 # What a stage's output folder holds that is not the model: checkpoints (optimizer and RNG states), logs, a
@@ -38,14 +39,6 @@ def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bo
     hub_call(f"push to {repo_id}", api.upload_folder, folder_path=folder, repo_id=repo_id, repo_type=repo_type,
              ignore_patterns=PUSH_IGNORE)
     return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
-
-
-def hub_call(what: str, fn, *args, **kwargs):
-    """A Hub call whose failure (network, auth, quota) is one line naming what failed."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:
-        raise AlignError(f"{what} failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 def is_local(name: str | None) -> bool:

@@ -104,7 +104,7 @@ def run_stage(stage: str, argv: list[str]):
     if "--accelerate_config" in argv or any(a.startswith("--accelerate_config=") for a in argv):
         from align.launch import relaunch_under_accelerate
 
-        return relaunch_under_accelerate(stage, argv)
+        return relaunch_under_accelerate(stage, argv, prepare_stage)
     model_args, data_args, args, dataset, resume = prepare_stage(stage, argv)
     logger.info("%s: %d training rows", stage, len(dataset))
 

@@ -197,11 +197,6 @@ def _divert(record: logging.LogRecord) -> None:
         pass
 
 
-def log_to_library(level: int, name: str, message: str) -> None:
-    """A record for the library log only (never the terminal, even before configure_logging)."""
-    _divert(logging.LogRecord(name, level, "", 0, message, None, None))
-
-
 class _LibraryHandler(logging.Handler):
     """The root logger's handler: whatever propagates there from outside align."""
 

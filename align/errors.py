@@ -30,7 +30,7 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except AlignError as err:
-            from align.leaks import mask_text
+            from align.redact import mask_text
 
             message = mask_text(" ".join(str(err).split("\n")))  # a credential a bad value quotes stays out of logs
             print(f"align: error: {message}", file=sys.stderr, flush=True)
@@ -51,11 +51,9 @@ def warnings_unless_user_error():
             warnings.simplefilter("always")
             yield
     except AlignError:
-        from align.environment import log_to_library
-
-        for w in caught:
-            log_to_library(logging.WARNING, "py.warnings",
-                           warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip())
+        for w in caught:  # (under the CLI, the library log takes every record of a logger outside align)
+            logging.getLogger("py.warnings").warning(
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip())
         raise
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
+from pathlib import Path
 
 from align.errors import AlignError, ArgumentParser
 
@@ -46,6 +48,9 @@ def trees_main(argv: list[str]):
 
         counts = export_trees(args.trees, args.output, leaves_only=args.leaves_only, command=command)
         print(json.dumps(counts))
+        _warn_if_nothing_correct(json.loads((Path(args.output) / "stats.json").read_text())["stats"],
+                                 f"; {', '.join(counts['empty_configs'])} left out of the card's configs (folders "
+                                 "kept, empty)" if counts["empty_configs"] else "")
         if args.push_to_hub:
             from align.trees.export import push_export
 
@@ -56,11 +61,21 @@ def trees_main(argv: list[str]):
 
         stats = tree_stats(load_trees(args.trees))
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        _warn_if_nothing_correct(stats)
         return 0
     from align.trees.export import import_released
 
     print(json.dumps({"trees_written": import_released(args.path, args.output)}))
     return 0
+
+
+def _warn_if_nothing_correct(stats: dict, more: str = "") -> None:
+    """One loud line on stderr (stdout stays the JSON / the table) when no action of the trees was correct."""
+    from align.trees.export import no_correct_answer_warning
+
+    warning = no_correct_answer_warning(stats)
+    if warning:
+        print(f"align: trees: {warning}{more}", file=sys.stderr, flush=True)
 
 
 def _limits(where: str, **values):

@@ -53,3 +53,151 @@ def test_an_export_of_a_build_that_solved_nothing_loads_config_by_config(tmp_pat
     assert main(["trees", "stats", str(tmp_path / "trees")]) == 0
     err = capsys.readouterr().err
     assert sum("no correct answer" in line for line in err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- PEFT's LoRA target spellings
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SAME_AS_DEFAULT = {  # every spelling PEFT (or axolotl, or TRL) takes for the default targets of tiny-mixtral
+    "ours": {},
+    "axolotl: mlp.experts.*": {"lora_target_modules": ATTENTION,
+                               "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                          "mlp.gate.weight"]},
+    "suffix: experts.*": {"lora_target_modules": ATTENTION,
+                          "lora_target_parameters": ["experts.gate_up_proj", "experts.down_proj", "gate.weight"]},
+    "last name only": {"lora_target_modules": ATTENTION, "lora_target_parameters": ["gate_up_proj", "down_proj", "gate.weight"]},
+    "full names": {"lora_target_modules": [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ATTENTION],
+                   "lora_target_parameters": [f"model.layers.{i}.mlp.{p}" for i in (0, 1)
+                                              for p in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")]},
+    "all-linear + parameters": {"lora_target_modules": "all-linear",
+                                "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                           "mlp.gate.weight"]},
+    "regex string": {"lora_target_modules": r".*\.(self_attn\.[qkvo]_proj|mlp\.experts|mlp\.gate)"},
+    "module names of the stacks": {"lora_target_modules": [*[f"self_attn.{p}" for p in ATTENTION], "mlp.experts", "gate"]},
+    "per-expert names": {"lora_target_modules": [*ATTENTION, "w1", "w2", "w3", "router"]},
+    "weights as parameters": {"lora_target_parameters": [*[f"self_attn.{p}.weight" for p in ATTENTION],
+                                                         "experts.gate_up_proj", "experts.down_proj", "router.weight"],
+                              "lora_attention": False},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    from transformers import AutoModelForCausalLM
+
+    from align.models import resolve_model_path
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype="float32")
+
+
+def _model_args(keys: dict):
+    from trl import SFTConfig
+
+    from align.config import parse_stage_recipe
+
+    return parse_stage_recipe(SFTConfig, {"datasets": ["d.jsonl"], "output_dir": "o", **keys}, "r.yaml", apply_env=False)[0]
+
+
+def _adapter(base, keys: dict):
+    """(LoRA state-dict keys and shapes, the fused backend's report, the targets report) of a spelling."""
+    import copy
+
+    from peft import get_peft_model
+
+    from align.moe.fused_lora import apply_moe_lora_backend
+    from align.moe.lora import build_lora_config, format_targets_report, resolve_lora_targets
+
+    model_args = _model_args(keys)
+    model = copy.deepcopy(base)
+    targets = resolve_lora_targets(model_args, model)
+    peft_model = get_peft_model(model, build_lora_config(model_args, model, targets))
+    adapter = {k: tuple(v.shape) for k, v in peft_model.state_dict().items() if "lora_" in k}
+    return adapter, apply_moe_lora_backend(peft_model, "fused"), format_targets_report(targets)
+
+
+@pytest.mark.parametrize("spelling", list(SAME_AS_DEFAULT))
+def test_every_peft_spelling_gives_the_same_adapter(tiny_base, spelling):
+    reference, fused_reference, _ = _adapter(tiny_base, {})
+    adapter, fused, report = _adapter(tiny_base, SAME_AS_DEFAULT[spelling])
+    assert len(reference) == 2 * 2 * (4 + 2 + 1)  # 2 layers: A and B of 4 projections, 2 stacks and the router
+    assert adapter == reference
+    assert fused == fused_reference and fused["fused_experts"] == 2 and fused["fused_routers"] == 2
+    assert report.startswith("lora targets: ") and "mlp.experts.gate_up_proj" in report.split("->", 1)[1]
+
+
+def test_a_layer_spelling_adapts_that_layer_only_and_the_fused_path_follows(tiny_base):
+    import torch
+
+    adapter, fused, report = _adapter(tiny_base, {"lora_target_parameters": ["model.layers.1.mlp.experts.gate_up_proj"]})
+    stacks = sorted(k for k in adapter if ".experts." in k)
+    assert stacks == ["base_model.model.model.layers.1.mlp.experts.lora_A.default.weight",
+                      "base_model.model.model.layers.1.mlp.experts.lora_B.default.weight"]
+    assert fused["fused_experts"] == 1 and fused["fused_routers"] == 0 and not fused["fallbacks"]
+    assert "'model.layers.1.mlp.experts.gate_up_proj' -> model.layers.1.mlp.experts.gate_up_proj" in report
+    # the fused forward (only gate_up_proj adapted) equals PEFT's
+    import copy
+
+    from peft import get_peft_model
+
+    from align.moe.fused_lora import apply_moe_lora_backend
+    from align.moe.lora import build_lora_config
+
+    model_args = _model_args({"lora_target_parameters": ["model.layers.1.mlp.experts.gate_up_proj"], "lora_attention": False})
+    model = copy.deepcopy(tiny_base)
+    peft_model = get_peft_model(model, build_lora_config(model_args, model))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    fused_model = copy.deepcopy(peft_model)
+    assert apply_moe_lora_backend(fused_model, "fused")["fused_experts"] == 1
+    ids = torch.tensor([[1, 733, 16289, 28793, 28705, 28740]])
+    with torch.no_grad():
+        assert torch.allclose(fused_model(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"lora_target_parameters": ["mlp.expert.gate_up_proj"]},
+     "r.yaml: key 'lora_target_parameters': 'mlp.expert.gate_up_proj' matches no parameter of MixtralForCausalLM; "
+     "it has model.embed_tokens.weight, self_attn.q_proj.weight"),
+    ({"lora_target_parameters": ["input_layernorm.weight"]}, "names only 1-D parameters"),
+    ({"lora_target_modules": ["qproj"]},
+     "key 'lora_target_modules': 'qproj' matches no module of MixtralForCausalLM that LoRA can adapt; it has "
+     "model.embed_tokens, self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, lm_head, "
+     "mlp.experts, mlp.gate"),
+    ({"lora_target_modules": "model\\.layers\\.9\\..*"}, "matches no module"),
+    ({"lora_target_modules": "(q_proj"}, "is not a valid regular expression"),
+])
+def test_a_spelling_that_matches_nothing_is_one_line_before_the_data_loads(tmp_path, capsys, keys, message):
+    import yaml
+
+    from align.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": "tiny-mixtral", "output_dir": str(tmp_path / "o"),
+                                      "datasets": [str(tmp_path / "not-there.jsonl")], **keys}))
+    with pytest.raises(SystemExit) as stop:
+        main(["sft", "--config", str(recipe)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("align: error: ") and message.replace("r.yaml", str(recipe)) in err[0]
+
+
+def test_the_axolotl_spelling_trains_with_the_default_adapter_keys(tmp_path, capsys, tiny_base):
+    from safetensors.torch import load_file
+
+    from align.sft.train import main as sft
+
+    from conftest import stage_args
+
+    sft(stage_args("sft.yaml", tmp_path / "out", "--max_steps", "1", "--lora_target_modules", *ATTENTION,
+                   "--lora_target_parameters", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"))
+    out = capsys.readouterr().out
+    assert "[align] sft: lora targets: lora_target_modules 'q_proj' -> model.layers.{0-1}.self_attn.q_proj" in out
+    assert "lora_target_parameters 'mlp.experts.gate_up_proj' -> model.layers.{0-1}.mlp.experts.gate_up_proj" in out
+    assert "fused expert stacks=2 fused routers=2" in out
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(ATTENTION)
+    assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj", "gate.weight"}
+    reference = _adapter(tiny_base, {"lora_r": 8})[0]  # the recipe's rank, the default targets' adapter, as PEFT saves it (no adapter name)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k.replace(".default.", "."): v for k, v in reference.items()}

@@ -201,3 +201,92 @@ def test_the_axolotl_spelling_trains_with_the_default_adapter_keys(tmp_path, cap
     assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj", "gate.weight"}
     reference = _adapter(tiny_base, {"lora_r": 8})[0]  # the recipe's rank, the default targets' adapter, as PEFT saves it (no adapter name)
     assert {k: tuple(v.shape) for k, v in saved.items()} == {k.replace(".default.", "."): v for k, v in reference.items()}
+
+
+# ---------------------------------------------------------------- a build or an eval whose server is down
+def _dead_url():
+    from test_trees import _free_port
+
+    return f"http://127.0.0.1:{_free_port()}/v1"  # loopback, nothing listens there
+
+
+def test_a_build_against_a_dead_server_stops_in_seconds_with_one_line(tmp_path, capsys):
+    import time
+
+    import yaml
+
+    from align.cli import main
+
+    url = _dead_url()
+    recipe = tmp_path / "trees.yaml"
+    recipe.write_text(yaml.safe_dump({"problems": "arithmetic:6:0", "output_dir": str(tmp_path / "trees"),
+                                      "progress": False, "actor": {"backend": "server", "model": "m", "base_urls": [url]}}))
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        main(["trees", "build", "--config", str(recipe)])
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"align: error: actor: no server answers at base_urls ({url}/: ")
+    assert "Connect" in err[0] and "actor.base_urls" in err[0]
+    assert not (tmp_path / "trees" / "failures.jsonl").exists()  # no problem was tried
+
+
+class _BusyHandler(__import__("http.server").server.BaseHTTPRequestHandler):
+    """A server that is up (GET answers 501) but refuses every completion with a 400."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        from test_trees import _send_json
+
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _send_json(self, 400, {"error": "model m is not served here"})
+
+
+def test_a_dead_url_is_left_out_and_a_build_where_every_problem_failed_says_so(tmp_path, capsys):
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from align.trees.builder import build_trees
+    from test_trees import _config
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BusyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dead, alive = _dead_url(), f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config, actor, critic, limits = _config(tmp_path, problems="arithmetic:3:0", actor={
+            "backend": "server", "model": "m", "base_urls": [dead, alive], "max_retries": 0})
+        summary = build_trees(config, actor, critic, limits)
+    finally:
+        server.shutdown()
+    assert summary["failed"] == 3 and summary["built"] == 0
+    assert summary["backend"]["requests"] == 3 * 2  # the first turn's 2 samples of each problem, no retry
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"align: warning: actor: {dead}/ does not answer (") and "using the other base_urls" in err[0]
+    failures = tmp_path / "trees" / "failures.jsonl"
+    assert err[1].startswith(f"align: trees: every problem failed (3 of 3); the errors are in {failures} (first: ")
+    assert "HTTP 400" in err[1] and len(failures.read_text().splitlines()) == 3
+    assert all(alive in json.loads(line)["error"] for line in failures.read_text().splitlines())  # none to the dead one
+
+
+def test_an_eval_through_a_dead_server_stops_in_seconds_with_one_line(tmp_path, capsys):
+    import time
+
+    import yaml
+
+    from align.cli import main
+
+    url = _dead_url()
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(yaml.safe_dump({"problems": "addition:4", "models": {
+        "served": {"model": "m", "backend": "server", "base_urls": [url], "request_timeout_s": 5}}}))
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--config", str(recipe), "--output", str(tmp_path / "eval")])
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"align: error: eval: model m: no server answers at base_urls ({url}/: ")

@@ -59,13 +59,10 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]
-        from align import cpu_fsdp
+        if check_sharding(sharded[0] if sharded else None, source):
+            from align import cpu_fsdp
 
-        if sharded == ["FSDP"] and cpu_fsdp.requested():
             cpu_fsdp.enable()  # sharded over gloo on the CPUs (a check of sharded training, not for speed)
-        elif sharded and not __import__("torch").cuda.is_available():
-            raise AlignError(f"{source}: the accelerate config asks for {sharded[0]}, which needs GPUs (accelerate runs "
-                             "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
         if world > 1 and args.world_size != world:
             raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
                              f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
@@ -81,6 +78,19 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
             tokenizer = _stage_tokenizer(model_args, args, model_path)
             preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume
+
+
+def check_sharding(sharding: str | None, source: str) -> bool:
+    """FSDP or DeepSpeed on a machine without a GPU is refused (accelerate would run it as plain DDP), unless
+    ALIGN_CPU_FSDP asks for FSDP over gloo on the CPUs: then True (the caller shards on the CPUs)."""
+    from align import cpu_fsdp
+
+    if sharding == "FSDP" and cpu_fsdp.requested():
+        return True
+    if sharding and not __import__("torch").cuda.is_available():
+        raise AlignError(f"{source}: the accelerate config asks for {sharding}, which needs GPUs (accelerate runs "
+                         "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
+    return False
 
 
 def _stage_tokenizer(model_args, args, model_path: str):

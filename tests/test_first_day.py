@@ -290,3 +290,53 @@ def test_an_eval_through_a_dead_server_stops_in_seconds_with_one_line(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"align: error: eval: model m: no server answers at base_urls ({url}/: ")
+
+
+# ---------------------------------------------------------------- a user error under a 2-process launch
+def _two_process_launch(module: str, tmp_path):
+    """A real 2-process CPU launch (recipes/accelerate/multi_cpu.yaml) of a stage whose recipe is missing:
+    every process meets the same user error, as early as a stage can (before TRL loads)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", module, "--config_file", str(REPO / "recipes" / "accelerate" / "multi_cpu.yaml"),
+           "-m", "align", "sft", "--config", str(tmp_path / "missing.yaml")]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_under_plain_accelerate_launch_a_user_error_is_printed_once_and_named_by_the_report(tmp_path):
+    proc = _two_process_launch("accelerate.commands.launch", tmp_path)
+    line = f"align: error: {tmp_path / 'missing.yaml'}: recipe file not found"
+    assert proc.returncode != 0
+    assert [x for x in proc.stderr.splitlines() if x.startswith("align: error:")] == [line]  # the main process only
+    root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert f"traceback : {line}" in root_cause and "exitcode  : 2" in root_cause  # the launcher's report names it
+
+
+def test_through_align_launch_a_user_error_is_one_line_without_the_launcher_report(tmp_path):
+    proc = _two_process_launch("align.launch", tmp_path)  # what `align STAGE --accelerate_config` runs
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"align: error: {tmp_path / 'missing.yaml'}: recipe file not found",
+        "align: accelerate launch: process 0 exited with code 2; its error is above (the others were stopped)"]
+
+
+def test_a_sharded_config_on_a_cpu_machine_is_refused_before_the_launch(tmp_path, capsys, monkeypatch):
+    import subprocess
+
+    import torch
+
+    from align.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs FSDP")
+    monkeypatch.delenv("ALIGN_CPU_FSDP", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("accelerate was launched"))
+    with pytest.raises(SystemExit) as stop:
+        main(["sft", "--config", str(REPO / "recipes" / "tiny-mixtral" / "sft.yaml"), "--output_dir", str(tmp_path / "o"),
+              "--accelerate_config", "fsdp2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith("align: error: ") and "fsdp2.yaml: the accelerate config asks for FSDP, which needs GPUs" in err[0]

@@ -291,13 +291,13 @@ async def _probe(client, timeout: float) -> str | None:
 
     try:
         await asyncio.wait_for(client.with_options(timeout=timeout).models.list(), timeout)
-    except openai.APIStatusError:
-        return None  # it answered (a server without /models, or one that wants another key: requests will say)
     except (asyncio.TimeoutError, openai.APITimeoutError):
         return f"no reply within {timeout:g} s"
-    except Exception as err:  # connection refused, unknown host, TLS ...: the underlying cause says most
+    except (openai.APIConnectionError, OSError) as err:  # refused, unknown host, TLS ...: the cause says most
         cause = err.__cause__ or err.__context__ or err
         return f"{type(cause).__name__}: {' '.join(str(cause).split())[:200] or type(err).__name__}"
+    except Exception:  # an HTTP error status or a body that is no model list: a server answered (the
+        return None    # requests will say what it thinks of them)
     return None
 
 

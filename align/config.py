@@ -380,6 +380,9 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     # lora_target_modules / lora_target_parameters are ours too, resolved against the model by PEFT's rules
     # (align/moe/lora.py); given, they say where LoRA goes, in place of the lora_* group switches' defaults.
     flags = {}
+    for key in ("lora_target_modules", "lora_target_parameters"):
+        if key in out and out[key] is None:  # `key: null`: not given
+            del out[key]
     if "lora_target_modules" in out:
         modules = out["lora_target_modules"]
         if isinstance(modules, str):  # a regular expression (PEFT's string form), else names split on commas

@@ -384,14 +384,20 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
               "for `transformers serve` set actor.extra_body: {generation_config: '{\"do_sample\": true}'} "
               "(it samples only when the model's generation config says do_sample).", file=sys.stderr, flush=True)
     summary["backend"] = {k: getattr(actor, k) for k in ("requests", "retries", "max_in_flight") if hasattr(actor, k)}
-    if summary["failed"]:
-        failures = out / FAILURES_FILE
-        first = _first_failure(failures)
-        head = (f"every problem failed ({summary['failed']} of {len(todo)})" if not summary["built"]
-                else f"{summary['failed']} of {len(todo)} problems failed")
-        print(f"align: trees: {head}; the errors are in {failures}{f' (first: {first})' if first else ''}; "
-              "rerun to retry them", file=sys.stderr, flush=True)
     return summary
+
+
+def failed_problems_line(summary: dict) -> str | None:
+    """The line a build with failed problems ends with (on stderr, after its JSON summary), else None."""
+    if not summary.get("failed"):
+        return None
+    tried = summary["problems"] - summary["already_done"]
+    failures = Path(summary["output"]).parent / FAILURES_FILE
+    first = _first_failure(failures)
+    head = (f"every problem failed ({summary['failed']} of {tried})" if not summary["built"]
+            else f"{summary['failed']} of {tried} problems failed")
+    return (f"align: trees: {head}; the errors are in {failures}{f' (first: {first})' if first else ''}; "
+            "rerun to retry them")
 
 
 def _first_failure(path: Path) -> str:

@@ -33,7 +33,7 @@ def trees_main(argv: list[str]):
 
     if args.action == "build":
         from align.config import load_recipe_file, parse_cli_overrides
-        from align.trees.builder import build_trees, parse_trees_config
+        from align.trees.builder import build_trees, failed_problems_line, parse_trees_config
 
         values = load_recipe_file(args.config)
         values.update(parse_cli_overrides(overrides))
@@ -41,7 +41,10 @@ def trees_main(argv: list[str]):
             raise AlignError(f"{args.config}: key 'problems' is required (a trees recipe names its problems)")
         config, actor, critic, limits = parse_trees_config(values, args.config)
         summary = build_trees(config, actor, critic, limits, command=command)
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
+        line = failed_problems_line(summary)
+        if line:  # after the summary: the last thing a build says is why it exits 1
+            print(line, file=sys.stderr, flush=True)
         return 1 if summary["failed"] else 0
     if args.action == "export":
         from align.trees.export import export_trees

@@ -127,12 +127,12 @@ def preflight_trainer(stage: str, model_args, args, dataset, tokenizer, model_pa
         logger.debug("preflight skipped (%s)", err)
         return
     peft_config = None
-    if model_args.use_lora and not model_args.adapter_name_or_path:
+    if model_args.use_lora:
         from align.moe.lora import resolve_lora_targets
 
         targets = resolve_lora_targets(model_args, stand_in, strict=False)  # one layer: model.layers.3... is not in it
-        if not targets.modules and not targets.parameters:
-            return
+        if not (targets.modules or targets.parameters) and (model_args.lora_target_modules or model_args.lora_target_parameters):
+            return  # spellings of layers the stand-in lacks (check_lora_targets held them against the real model)
         peft_config = build_lora_config(model_args, stand_in, targets)
     rows = dataset.select(range(min(len(dataset), 8)))
     with tempfile.TemporaryDirectory(prefix="align-preflight-") as tmp:

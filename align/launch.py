@@ -43,9 +43,10 @@ def accelerate_main(argv: list[str]) -> int:
         launch_command(args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        how = (f"was stopped by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with code {failure.exitcode}")
+        how = (f"was stopped by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}; its error is above")  # a signal leaves no error line
         others = " (the others were stopped)" if len(err.failures) > 1 else ""
-        print(f"align: accelerate launch: process {rank} {how}; its error is above{others}", file=sys.stderr, flush=True)
+        print(f"align: accelerate launch: process {rank} {how}{others}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 1
     except subprocess.CalledProcessError as err:  # one process (accelerate's simple launcher)
         print(f"align: accelerate launch: the process exited with code {err.returncode} (its error is above)",

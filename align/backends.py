@@ -256,9 +256,49 @@ class ServerBackend:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def check_endpoints(self, role: str = "actor") -> None:
+        """One request to each base URL before the first problem (GET <url>/models, no retry, a deadline of
+        at most CHECK_TIMEOUT_S): any HTTP reply counts as a server that answers. A URL that does not answer
+        is left out with one warning line; when none answers, the one-line error names each URL and why,
+        instead of every problem spending its whole retry budget on a dead server."""
+        timeout = min(self.spec.request_timeout_s, CHECK_TIMEOUT_S)
+        results = await asyncio.gather(*(_probe(client, timeout) for client in self._clients))
+        dead = [(client, why) for client, why in zip(self._clients, results) if why]
+        if len(dead) == len(self._clients):
+            await self.aclose()
+            named = "; ".join(f"{client.base_url}: {why}" for client, why in dead)
+            raise AlignError(f"{role}: no server answers at base_urls ({named}); start the server, or fix {role}.base_urls")
+        import sys
+
+        for client, why in dead:
+            print(f"align: warning: {role}: {client.base_url} does not answer ({why}); using the other base_urls",
+                  file=sys.stderr, flush=True)
+            self._clients.remove(client)
+            await client.close()
+        self._next = itertools.cycle(range(len(self._clients)))
+
     async def aclose(self):
         for client in self._clients:
             await client.close()
+
+
+CHECK_TIMEOUT_S = 10.0
+
+
+async def _probe(client, timeout: float) -> str | None:
+    """None when the server at the client's base URL sends any HTTP reply, else what went wrong."""
+    import openai
+
+    try:
+        await asyncio.wait_for(client.with_options(timeout=timeout).models.list(), timeout)
+    except (asyncio.TimeoutError, openai.APITimeoutError):
+        return f"no reply within {timeout:g} s"
+    except (openai.APIConnectionError, OSError) as err:  # refused, unknown host, TLS ...: the cause says most
+        cause = err.__cause__ or err.__context__ or err
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())[:200] or type(err).__name__}"
+    except Exception:  # an HTTP error status or a body that is no model list: a server answered (the
+        return None    # requests will say what it thinks of them)
+    return None
 
 
 def make_backend(spec: ModelSpec):

@@ -54,6 +54,21 @@ class ModelArguments:
     )
     lora_experts: bool = field(default=True, metadata={"help": "LoRA on the fused expert stacks (gate_up_proj, down_proj)."})
     lora_router: bool = field(default=True, metadata={"help": "LoRA on the router weight (mlp.gate.weight)."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "PEFT's / TRL's target_modules: module names matched as PEFT does (a full name, or the end "
+                  "of one: q_proj, self_attn.q_proj, model.layers.3.self_attn.q_proj), a regular expression "
+                  "matched against full names, or all-linear. Names of the expert stacks or the router (mlp.experts, "
+                  "gate, w1/w2/w3, gate_proj/up_proj/down_proj, router) mean their parameters. Given, it replaces "
+                  "lora_attention / lora_experts / lora_router unless the recipe sets those too."},
+    )
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "PEFT's target_parameters: parameter names matched by the end of the full name "
+                  "(gate_up_proj, experts.gate_up_proj, mlp.experts.gate_up_proj, "
+                  "model.layers.3.mlp.experts.gate_up_proj, gate.weight). Given, it replaces lora_experts / "
+                  "lora_router unless the recipe sets those too. What each spelling matched is printed at the start."},
+    )
     moe_lora_backend: str = field(
         default="fused",
         metadata={"help": "fused: LoRA on experts/router without building W + B·A (align/moe/fused_lora.py); "
@@ -328,8 +343,7 @@ def stage_help(stage: str) -> str:
 TRL_NAMES = {"use_peft": "use_lora", "torch_dtype": "dtype", "warmup_ratio": "warmup_steps",
              "max_seq_length": "max_length", "evaluation_strategy": "eval_strategy",
              "group_by_length": "train_sampling_strategy: group_by_length",
-             "lora_target_modules": "lora_attention_modules",
-             "lora_target_parameters": "lora_experts / lora_router", "dataset_name": "datasets",
+             "dataset_name": "datasets",
              "dataset_config": "datasets[].name", "dataset_train_split": "datasets[].split"}
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -365,33 +379,30 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
             raise AlignError(f"{source}: group_by_length: false contradicts train_sampling_strategy: group_by_length")
         if grouped:
             out["train_sampling_strategy"] = "group_by_length"
+    # lora_target_modules / lora_target_parameters are ours too, resolved against the model by PEFT's rules
+    # (align/moe/lora.py); given, they say where LoRA goes, in place of the lora_* group switches' defaults.
+    flags = {}
+    for key in ("lora_target_modules", "lora_target_parameters"):
+        if key in out and out[key] is None:  # `key: null`: not given
+            del out[key]
     if "lora_target_modules" in out:
-        modules = out.pop("lora_target_modules")
-        if modules in ("all-linear", ["all-linear"]):
-            modules = ATTENTION_PROJECTIONS  # the experts and router are LoRA-ed through lora_experts / lora_router
-        modules = [modules] if isinstance(modules, str) else modules
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            raise AlignError(f"{source}: key 'lora_target_modules' must be a list of module names or all-linear")
-        # As in TRL, LoRA goes where the list says: the MLP's names (dense or Mixtral's w1/w2/w3) mean the
-        # experts here, gate / router the router; without them experts and router stay without LoRA.
-        mlp, router = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "experts"}, {"gate", "router"}
-        out.setdefault("lora_attention_modules", [m for m in modules if m not in mlp | router])
-        out.setdefault("lora_attention", bool(out["lora_attention_modules"]))
-        flags = {"lora_experts": any(m in mlp for m in modules), "lora_router": any(m in router for m in modules)}
-    else:
-        flags = {"lora_experts": False, "lora_router": False} if "lora_target_parameters" in out else {}
+        modules = out["lora_target_modules"]
+        if isinstance(modules, str):  # a regular expression (PEFT's string form), else names split on commas
+            from align.moe.lora import is_regex
+
+            modules = [modules] if is_regex(modules) else [m.strip() for m in modules.split(",") if m.strip()]
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+            raise AlignError(f"{source}: key 'lora_target_modules' must be a list of module names, a regular "
+                             "expression or all-linear")
+        out["lora_target_modules"] = modules
+        flags = {"lora_attention": False, "lora_experts": False, "lora_router": False}
     if "lora_target_parameters" in out:
-        params = out.pop("lora_target_parameters")
-        params = [params] if isinstance(params, str) else params
-        if not isinstance(params, list):
+        params = out["lora_target_parameters"]
+        params = [p.strip() for p in params.split(",") if p.strip()] if isinstance(params, str) else params
+        if not isinstance(params, list) or not params or not all(isinstance(p, str) and p for p in params):
             raise AlignError(f"{source}: key 'lora_target_parameters' must be a list of parameter names")
-        known = {"experts.gate_up_proj": "lora_experts", "experts.down_proj": "lora_experts", "gate.weight": "lora_router",
-                 "router.weight": "lora_router"}
-        for name in params:
-            if name not in known:
-                raise AlignError(f"{source}: key 'lora_target_parameters': {name!r} is not one of {', '.join(known)}")
-        for key in ("lora_experts", "lora_router"):
-            flags[key] = flags.get(key, False) or any(known[n] == key for n in params)
+        out["lora_target_parameters"] = params
+        flags.update({"lora_experts": False, "lora_router": False})
     for key, value in flags.items():
         out.setdefault(key, value)
     if "dataset_name" in out:

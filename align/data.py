@@ -88,6 +88,9 @@ def load_one(path: str, split: str = "train", name: str | None = None, data_file
         raise
     except Exception as err:  # datasets raises many types; the user needs the path and the reason
         reason = " ".join(str(err).split())[:300]
+        if "corresponds to no data" in reason:  # datasets' word for a split of no rows
+            raise AlignError(f"dataset {path}: has no rows (an export of trees with no correct answer leaves its "
+                             "sft and pairs configs empty)") from None
         raise AlignError(f"dataset {path}: could not be loaded ({type(err).__name__}: {reason})") from None
     finally:
         if bars_were_on:

@@ -23,7 +23,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exit_on_user_error(fn):
-    """Turn an AlignError raised anywhere under `fn` into `align: error: ...` on stderr and exit 2."""
+    """Turn an AlignError raised anywhere under `fn` into `align: error: ...` on stderr and exit 2.
+
+    In one of several processes of a launch (torchrun / `accelerate launch` set RANK and WORLD_SIZE) every
+    process meets the same recipe and raises the same error: the main process prints it and hands it to the
+    launcher (TORCHELASTIC_ERROR_FILE, which torch's failure report shows as the root cause); the others
+    stay quiet and wait, so that the launcher, seeing the main process fail, stops them, and the main
+    process is not stopped before it has printed. One that is still running after OTHER_RANK_WAIT_S met
+    an error of its own: it prints it, naming its rank."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,10 +40,50 @@ def exit_on_user_error(fn):
             from align.redact import mask_text
 
             message = mask_text(" ".join(str(err).split("\n")))  # a credential a bad value quotes stays out of logs
+            rank = launch_rank()
+            if rank:
+                import time
+
+                time.sleep(OTHER_RANK_WAIT_S)
+                message = f"[process {rank}] {message}"
             print(f"align: error: {message}", file=sys.stderr, flush=True)
+            if rank == 0:
+                _hand_to_launcher(f"align: error: {message}")
             raise SystemExit(err.exit_code) from None
 
     return wrapper
+
+
+OTHER_RANK_WAIT_S = 20.0
+
+
+def launch_rank() -> int | None:
+    """This process's rank in a launch of several processes, None when it runs alone."""
+    import os
+
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return rank if world > 1 else None
+
+
+def _hand_to_launcher(line: str) -> None:
+    """torch's elastic launcher reads a failed process's error from TORCHELASTIC_ERROR_FILE (what its
+    `@record` writes) and shows it in its report, where the report would otherwise say 'To enable
+    traceback see ...'."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

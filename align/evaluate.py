@@ -60,13 +60,18 @@ class _ServerBatches:
     """A served model (OpenAI-compatible) in the eval's batch interface: each batch is one burst of
     concurrent requests on one event loop kept for the whole eval."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, role: str = "eval"):
         import asyncio
 
         from align.backends import ServerBackend
 
         self.loop = asyncio.new_event_loop()
         self.backend = ServerBackend(spec)
+        try:  # each server answers before the first batch, or the eval stops in seconds naming it
+            self.loop.run_until_complete(self.backend.check_endpoints(role))
+        except BaseException:
+            self.loop.close()
+            raise
 
     @property
     def spec(self):  # the sampling settings, as a local backend has them (sampled pass@k swaps them)
@@ -97,7 +102,7 @@ def make_eval_backend(m: dict, max_new_tokens: int):
         spec = ModelSpec(backend="server", model=m["model"], base_urls=list(m.get("base_urls") or []), temperature=0.0,
                          max_new_tokens=max_new_tokens, api_key_env=m.get("api_key_env"),
                          **{k: m[k] for k in ("concurrency", "request_timeout_s", "max_retries") if k in m})
-        return _ServerBatches(spec)
+        return _ServerBatches(spec, f"eval: model {m['model']}")
     return LocalBackend(ModelSpec(model=m["model"], adapter=m.get("adapter"), temperature=0.0,
                                   max_new_tokens=max_new_tokens))
 

@@ -1,8 +1,11 @@
 """Running a training stage under `accelerate launch`: the command line, and `align STAGE --accelerate_config`.
 
 `align sft --config R.yaml --accelerate_config zero3` (as `trl sft --accelerate_config zero3`) checks the
-recipe, its data and the accelerate config here, in one process, then starts
-`accelerate launch --config_file recipes/accelerate/zero3.yaml -m align sft --config R.yaml`.
+recipe, its data and the accelerate config here, in one process (a sharded config on a machine without a
+GPU too), then starts `accelerate launch --config_file recipes/accelerate/zero3.yaml -m align sft --config
+R.yaml` through `accelerate_main`: accelerate's own launcher, whose failure report (torch's 40-line
+ChildFailedError, or a CalledProcessError traceback) becomes one line naming the process and its exit code,
+under the error that process printed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,52 @@ from align.errors import AlignError
 PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 
 
+def check_sharding(sharding: str | None, source: str) -> bool:
+    """FSDP or DeepSpeed on a machine without a GPU is refused (accelerate would run it as plain DDP), unless
+    ALIGN_CPU_FSDP asks for FSDP over gloo on the CPUs: then True (the caller shards on the CPUs)."""
+    from align import cpu_fsdp
+
+    if sharding == "FSDP" and cpu_fsdp.requested():
+        return True
+    if sharding and not __import__("torch").cuda.is_available():
+        raise AlignError(f"{source}: the accelerate config asks for {sharding}, which needs GPUs (accelerate runs "
+                         "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
+    return False
+
+
 def accelerate_command(stage: str, config_file: str | None, stage_argv: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", str(config_file)]
     return cmd + ["-m", "align", stage, *stage_argv]
+
+
+def accelerate_main(argv: list[str]) -> int:
+    """`accelerate launch ARGV` as accelerate runs it, whose failure is one line instead of the launcher's
+    traceback and report: the failed process has printed its own error (a user error once, by the main
+    process: align/errors.py), so the launcher adds which process it was and how it ended."""
+    import logging
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torch's elastic agent logs a line per stopped process before its report; the line below says it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        how = (f"was stopped by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}; its error is above")  # a signal leaves no error line
+        others = " (the others were stopped)" if len(err.failures) > 1 else ""
+        print(f"align: accelerate launch: process {rank} {how}{others}", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except subprocess.CalledProcessError as err:  # one process (accelerate's simple launcher)
+        print(f"align: accelerate launch: the process exited with code {err.returncode} (its error is above)",
+              file=sys.stderr, flush=True)
+        return err.returncode if err.returncode > 0 else 1
+    return 0
 
 
 def resolve_accelerate_config(value: str) -> Path:
@@ -63,10 +107,16 @@ def relaunch_under_accelerate(stage: str, argv: list[str], prepare) -> int:
 
     value, rest = split_accelerate_config(argv)
     config_file = resolve_accelerate_config(value)
-    check_accelerate_config(config_file)
+    config = check_accelerate_config(config_file)
+    sharding = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(str(config.get("distributed_type", "NO")))
+    check_sharding(sharding, str(config_file))  # refused here, before any process starts, not once per process
     prepare(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
     cmd = accelerate_command(stage, str(config_file), rest)
     from align.leaks import mask_argv
 
     print(f"[align] {stage}: launching accelerate launch {shlex.join(mask_argv(cmd[3:]))}", flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call([sys.executable, "-m", "align.launch", *cmd[3:]])
+
+
+if __name__ == "__main__":  # python -m align.launch ACCELERATE-LAUNCH-ARGS (what relaunch_under_accelerate runs)
+    raise SystemExit(accelerate_main(sys.argv[1:]))

@@ -50,6 +50,30 @@ def check_stage_settings(spec, model_args, data_args, args, source: str) -> None
     check_eval_settings(args, source)
 
 
+def check_lora_targets(model_args, model_path: str, source: str = "recipe") -> None:
+    """The recipe's lora_target_modules / lora_target_parameters against the real architecture, built on the
+    meta device (no weights, no memory): a spelling that matches nothing is named before anything loads,
+    and before `accelerate launch` starts its processes."""
+    if not model_args.use_lora or model_args.adapter_name_or_path:
+        return
+    if not (model_args.lora_target_modules or model_args.lora_target_parameters):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align.moe.lora import resolve_lora_targets
+
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        config.__dict__.pop("align_nf4_experts", None)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # an architecture we cannot build here: the real load checks the targets
+        logger.debug("lora target check skipped (%s)", err)
+        return
+    resolve_lora_targets(model_args, skeleton, source=source)
+
+
 def _stand_in_config(model_path: str):
     from transformers import AutoConfig
 
@@ -102,7 +126,14 @@ def preflight_trainer(stage: str, model_args, args, dataset, tokenizer, model_pa
     except Exception as err:  # an architecture we cannot shrink: nothing to say before the real load
         logger.debug("preflight skipped (%s)", err)
         return
-    peft_config = build_lora_config(model_args, stand_in) if model_args.use_lora else None
+    peft_config = None
+    if model_args.use_lora:
+        from align.moe.lora import resolve_lora_targets
+
+        targets = resolve_lora_targets(model_args, stand_in, strict=False)  # one layer: model.layers.3... is not in it
+        if not (targets.modules or targets.parameters) and (model_args.lora_target_modules or model_args.lora_target_parameters):
+            return  # spellings of layers the stand-in lacks (check_lora_targets held them against the real model)
+        peft_config = build_lora_config(model_args, stand_in, targets)
     rows = dataset.select(range(min(len(dataset), 8)))
     with tempfile.TemporaryDirectory(prefix="align-preflight-") as tmp:
         trial = copy.copy(args)

@@ -16,9 +16,10 @@ import yaml
 from align.config import parse_stage_args, resolved_config
 from align.data import load_training_data
 from align.errors import AlignError, warnings_unless_user_error
+from align.launch import check_sharding
 from align.models import load_model, load_tokenizer, resolve_model_path
 from align.moe.fused_lora import apply_moe_lora_backend
-from align.moe.lora import build_lora_config, format_trainable_report
+from align.moe.lora import build_lora_config, format_targets_report, format_trainable_report, resolve_lora_targets
 
 logger = logging.getLogger("align")
 
@@ -46,7 +47,7 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads
     (`preflight`: and the trainer on a stand-in model, which the launcher of several processes leaves to
     them: it would hold a GPU for the whole run)."""
-    from align.preflight import check_stage_settings, preflight_trainer, quiet_libraries
+    from align.preflight import check_lora_targets, check_stage_settings, preflight_trainer, quiet_libraries
     from align.stages import training_stage
 
     spec = training_stage(stage)
@@ -54,16 +55,15 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         model_args, data_args, args = parse_stage_args(spec.config_class(), argv)
         source = getattr(args, "_align_recipe_source", "recipe")
         check_stage_settings(spec, model_args, data_args, args, source)
+        with quiet_libraries():
+            check_lora_targets(model_args, resolve_model_path(model_args.model_name_or_path), source)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]
-        from align import cpu_fsdp
+        if check_sharding(sharded[0] if sharded else None, source):
+            from align import cpu_fsdp
 
-        if sharded == ["FSDP"] and cpu_fsdp.requested():
             cpu_fsdp.enable()  # sharded over gloo on the CPUs (a check of sharded training, not for speed)
-        elif sharded and not __import__("torch").cuda.is_available():
-            raise AlignError(f"{source}: the accelerate config asks for {sharded[0]}, which needs GPUs (accelerate runs "
-                             "it as plain DDP on a CPU); on a CPU machine launch with recipes/accelerate/multi_cpu.yaml")
         if world > 1 and args.world_size != world:
             raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
                              f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
@@ -113,6 +113,7 @@ def run_stage(stage: str, argv: list[str]):
     tokenizer = _stage_tokenizer(model_args, args, model_path)
     from peft import PeftModel
 
+    targets = None
     if not model_args.use_lora:
         if isinstance(model, PeftModel):
             raise AlignError("recipe: use_lora: false cannot start from adapter_name_or_path (merge it first)")
@@ -123,7 +124,8 @@ def run_stage(stage: str, argv: list[str]):
         logger.info("%s: training adapter %s (lora_* recipe keys come from that adapter)", stage,
                     model_args.adapter_name_or_path)
     else:
-        peft_config = build_lora_config(model_args, model)
+        targets = resolve_lora_targets(model_args, model, source=getattr(args, "_align_recipe_source", "recipe"))
+        peft_config = build_lora_config(model_args, model, targets)
 
     # push_to_hub: the folder is pushed once it is saved whole (secrets checked first); the trainer's own
     # pushes (a repo made at init, every checkpoint pushed) stay off.
@@ -147,6 +149,8 @@ def run_stage(stage: str, argv: list[str]):
         trainer.enable_router_stats()
     if trainer.is_world_process_zero():
         print(f"[align] {stage}: {format_trainable_report(trainer.model)}", flush=True)
+        if targets is not None:
+            print(f"[align] {stage}: {format_targets_report(targets)}", flush=True)
         print(f"[align] {stage}: moe_lora_backend={fused['backend']} fused expert stacks={fused['fused_experts']} "
               f"fused routers={fused['fused_routers']} fallbacks={len(fused['fallbacks'])}", flush=True)
         state = trainer.accelerator.state

@@ -97,13 +97,34 @@ def test_trl_names_map_onto_ours():
               "dataset_config": "default", "dataset_train_split": "train_sft", "output_dir": "o"}
     model_args, data_args, args = parse_stage_recipe(SFTConfig, recipe, "r.yaml", apply_env=False)
     assert model_args.use_lora and model_args.dtype == "float32" and model_args.use_rslora
-    assert model_args.lora_attention_modules == ["q_proj", "v_proj"] and model_args.lora_experts and model_args.lora_router
+    # TRL's lora_target_modules is ours too, resolved against the model as PEFT does (the MLP's names of
+    # the older per-expert layout mean the fused stacks, `gate` the router); the group switches step aside
+    assert model_args.lora_target_modules == ["q_proj", "v_proj", "w1", "w2", "w3", "gate"]
+    assert not (model_args.lora_attention or model_args.lora_experts or model_args.lora_router)
+    targets = _targets(model_args)
+    assert {t.rsplit(".", 1)[-1] for t in targets.modules} == {"q_proj", "v_proj"}
+    assert {t.split(".", 3)[-1] for t in targets.parameters} == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                                                                 "mlp.gate.weight"}
     assert data_args.datasets == [{"path": "org/data", "name": "default", "split": "train_sft"}]
     assert args.assistant_only_loss  # our default: assistant turns only
     params = parse_stage_recipe(SFTConfig, {"lora_target_modules": "all-linear", "lora_target_parameters": ["gate.weight"],
                                             "datasets": ["d.jsonl"], "output_dir": "o"}, "r.yaml", apply_env=False)[0]
-    assert params.lora_attention_modules == ["q_proj", "k_proj", "v_proj", "o_proj"] and params.lora_router
-    assert not params.lora_experts
+    targets = _targets(params)
+    assert {t.rsplit(".", 1)[-1] for t in targets.modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}  # not lm_head
+    assert {t.split(".", 3)[-1] for t in targets.parameters} == {"mlp.gate.weight"}  # the router, not the experts
+
+
+def _targets(model_args):
+    """Where the recipe's LoRA goes on tiny-mixtral (built on the meta device: names, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from align.models import resolve_model_path
+    from align.moe.lora import resolve_lora_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path("tiny-mixtral")))
+    return resolve_lora_targets(model_args, model)
 
 
 def test_group_by_length_flag_of_older_transformers():

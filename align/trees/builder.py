@@ -9,6 +9,7 @@ max_turns or when no incorrect action is left to extend. All-correct and all-wro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -23,7 +24,7 @@ from align.backends import BackendError, ModelSpec, make_backend
 from align.tasks.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
-from align.trees.store import StoreLocked, TreeStore, write_atomic
+from align.trees.store import FAILURES_FILE, StoreLocked, TreeStore, write_atomic
 from align.tasks.verifiers import verify
 
 BUILD_INFO = "build_info.json"
@@ -285,12 +286,21 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
     if not todo:
         store.close()
         return summary
+    critic = None
     try:
         actor = actor or make_backend(actor_spec)
         critic = (LLMCritic(make_backend(critic_spec), critic_spec.template) if critic_spec.type == "llm"
                   else StepCritic() if critic_spec.type == "steps" else ObservationCritic())
+        # each server answers before the first problem, or the build stops in seconds naming it
+        for role, backend in (("actor", actor), ("critic", getattr(critic, "backend", None))):
+            if hasattr(backend, "check_endpoints"):
+                await backend.check_endpoints(role)
     except BaseException:
         store.close()
+        for backend in (actor, getattr(critic, "backend", None)):
+            if hasattr(backend, "aclose"):
+                with contextlib.suppress(Exception):
+                    await backend.aclose()
         raise
     trackers = None
     if config.report_to:
@@ -379,6 +389,31 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
               "(it samples only when the model's generation config says do_sample).", file=sys.stderr, flush=True)
     summary["backend"] = {k: getattr(actor, k) for k in ("requests", "retries", "max_in_flight") if hasattr(actor, k)}
     return summary
+
+
+def failed_problems_line(summary: dict) -> str | None:
+    """The line a build with failed problems ends with (on stderr, after its JSON summary), else None."""
+    if not summary.get("failed"):
+        return None
+    tried = summary["problems"] - summary["already_done"]
+    failures = Path(summary["output"]).parent / FAILURES_FILE
+    first = _first_failure(failures)
+    head = (f"every problem failed ({summary['failed']} of {tried})" if not summary["built"]
+            else f"{summary['failed']} of {tried} problems failed")
+    return (f"align: trees: {head}; the errors are in {failures}{f' (first: {first})' if first else ''}; "
+            "rerun to retry them")
+
+
+def _first_failure(path: Path) -> str:
+    """The first recorded error of failures.jsonl, cut to a line's worth."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, AttributeError):
+                    return " ".join(str(json.loads(line).get("error", "")).split())[:240]
+    except OSError:
+        pass
+    return ""
 
 
 def build_trees(config, actor_spec, critic_spec, limits, command: str = "", actor=None) -> dict:

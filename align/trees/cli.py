@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
+from pathlib import Path
 
 from align.errors import AlignError, ArgumentParser
 
@@ -31,7 +33,7 @@ def trees_main(argv: list[str]):
 
     if args.action == "build":
         from align.config import load_recipe_file, parse_cli_overrides
-        from align.trees.builder import build_trees, parse_trees_config
+        from align.trees.builder import build_trees, failed_problems_line, parse_trees_config
 
         values = load_recipe_file(args.config)
         values.update(parse_cli_overrides(overrides))
@@ -39,13 +41,19 @@ def trees_main(argv: list[str]):
             raise AlignError(f"{args.config}: key 'problems' is required (a trees recipe names its problems)")
         config, actor, critic, limits = parse_trees_config(values, args.config)
         summary = build_trees(config, actor, critic, limits, command=command)
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
+        line = failed_problems_line(summary)
+        if line:  # after the summary: the last thing a build says is why it exits 1
+            print(line, file=sys.stderr, flush=True)
         return 1 if summary["failed"] else 0
     if args.action == "export":
         from align.trees.export import export_trees
 
         counts = export_trees(args.trees, args.output, leaves_only=args.leaves_only, command=command)
         print(json.dumps(counts))
+        _warn_if_nothing_correct(json.loads((Path(args.output) / "stats.json").read_text())["stats"],
+                                 f"; {', '.join(counts['empty_configs'])} left out of the card's configs (folders "
+                                 "kept, empty)" if counts["empty_configs"] else "")
         if args.push_to_hub:
             from align.trees.export import push_export
 
@@ -56,11 +64,21 @@ def trees_main(argv: list[str]):
 
         stats = tree_stats(load_trees(args.trees))
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        _warn_if_nothing_correct(stats)
         return 0
     from align.trees.export import import_released
 
     print(json.dumps({"trees_written": import_released(args.path, args.output)}))
     return 0
+
+
+def _warn_if_nothing_correct(stats: dict, more: str = "") -> None:
+    """One loud line on stderr (stdout stays the JSON / the table) when no action of the trees was correct."""
+    from align.trees.export import no_correct_answer_warning
+
+    warning = no_correct_answer_warning(stats)
+    if warning:
+        print(f"align: trees: {warning}{more}", file=sys.stderr, flush=True)
 
 
 def _limits(where: str, **values):

@@ -145,6 +145,22 @@ CONFIGS = ("sft", "pairs", "pairs_ultrainteract", "kto")
 PARQUET = "train-00000-of-00001.parquet"
 
 
+def no_correct_answer_warning(stats: dict) -> str | None:
+    """The one warning line for trees in which no action was correct (no SFT row, no pair), else None."""
+    if stats["correct_actions"]:
+        return None
+    return (f"warning: the build produced no correct answer ({stats['trees']} trees, "
+            f"{sum(c['actions'] for c in stats['per_task'].values())} actions, 0 correct), so there are no SFT rows "
+            "and no pairs; the actor model is too weak for these problems (or the verifier refused every answer)")
+
+
+def loadable_configs(counts: dict) -> list[str]:
+    """The configs an export's card lists: `datasets` cannot load a split of no rows ("Instruction 'train'
+    corresponds to no data"), so an empty config keeps its folder (the schema, in an empty parquet file)
+    but is left out of the card's `configs:`."""
+    return [c for c in CONFIGS if counts.get(c)]
+
+
 def _save(rows: list[dict], folder: Path, columns: list[str]) -> int:
     """One config of the export: <folder>/train-00000-of-00001.parquet, the Hub's layout for a split."""
     import shutil
@@ -224,6 +240,7 @@ def _export(trees_path, output_dir, leaves_only: bool, command: str, progress) -
                              "without the build settings in the card") from None
         if not isinstance(build_info, dict):
             raise AlignError(f"{info_path}: corrupt (not a JSON object); delete it to export without the build settings")
+    counts["empty_configs"] = [c for c in CONFIGS if c not in loadable_configs(counts)]
     (out / "stats.json").write_text(json.dumps({"counts": counts, "stats": stats}, indent=2))
     dataset_card(counts, stats, build_info, command, leaves_only).save(str(out / "README.md"))
     progress.advance(note="stats and card")
@@ -238,12 +255,22 @@ def dataset_card(counts: dict, stats: dict, build_info: dict, command: str, leav
     settings = build_info.get("settings", {})
     actor, critic = settings.get("actor", {}), settings.get("critic", {})
     rows = max(counts[c] for c in CONFIGS)
+    listed = loadable_configs(counts)
+    empty = [c for c in CONFIGS if c not in listed]
+    default = "pairs" if "pairs" in listed else None
     size = "n<1K" if rows < 1000 else "1K<n<10K" if rows < 10_000 else "10K<n<100K" if rows < 100_000 else "100K<n<1M"
     data = DatasetCardData(
         license="apache-2.0", language=["en"], tags=["preference-trees", "ultrainteract", "dpo", "kto", "nca", "moe-align"],
         task_categories=["text-generation"], size_categories=[size], pretty_name="Preference trees (UltraInteract-style)",
-        configs=[{"config_name": c, "data_files": [{"split": "train", "path": f"{c}/*.parquet"}], **({"default": True} if c == "pairs" else {})}
-                 for c in CONFIGS])
+        configs=[{"config_name": c, "data_files": [{"split": "train", "path": f"{c}/*.parquet"}], **({"default": True} if c == default else {})}
+                 for c in listed] or None)
+    warning = no_correct_answer_warning(stats)
+    empty_note = ""
+    if empty:
+        empty_note = (f"\n**{', '.join(f'`{c}`' for c in empty)} {'has' if len(empty) == 1 else 'have'} no rows** and "
+                      f"{'is' if len(empty) == 1 else 'are'} left out of this card's configs (`datasets` cannot load a "
+                      "split of no rows); the folder keeps the columns in an empty parquet file."
+                      + (f" {warning[len('warning: '):][:1].upper()}{warning[len('warning: ') + 1:]}." if warning else "") + "\n")
     text = f"""
 # Preference trees (UltraInteract-style)
 
@@ -251,8 +278,8 @@ Built by moe-align from multi-turn critique rollouts: at each turn one correct a
 sibling action form a pair; the incorrect one is extended with the environment's observation and a
 critique, up to {settings.get('max_turns', '?')} turns.
 
-Load a config as `load_dataset("ORG/NAME", "pairs", split="train")` (or `"sft"`, `"pairs_ultrainteract"`, `"kto"`).
-
+Load a config as `load_dataset("ORG/NAME", "{default or (listed or ['kto'])[0]}", split="train")` (configs: {', '.join(f'`{c}`' for c in listed) or 'none'}).
+{empty_note}
 ## Configs
 
 | config | rows | columns |
@@ -294,7 +321,8 @@ def push_export(folder: str, repo_id: str, private: bool = True) -> str:
         raise AlignError(f"--push-to-hub: {repo_id!r} should look like ORG/NAME")
     check_folder(folder)
     token = os.environ.get("HF_TOKEN")
-    for config in CONFIGS:
+    counts = json.loads((Path(folder) / "stats.json").read_text()).get("counts", {}) if (Path(folder) / "stats.json").is_file() else {}
+    for config in loadable_configs(counts) if counts else CONFIGS:
         # read as it is, not through load_dataset(folder, config): datasets 5.2 caches a local folder's configs
         # by the folder's name, so a second export also called "export" would push the first one's rows
         ds = Dataset(pq.read_table(str(Path(folder) / config / PARQUET)))

@@ -72,13 +72,48 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         if resume is True and not _has_checkpoint(args.output_dir):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
         dataset = load_training_data(data_args, stage)
-        if not preflight:
-            return model_args, data_args, args, dataset, resume
         with quiet_libraries():
             model_path = resolve_model_path(model_args.model_name_or_path)
             tokenizer = _stage_tokenizer(model_args, args, model_path)
-            preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
+            dataset = render_stage_rows(stage, dataset, tokenizer, args, _template_source(model_args, args, model_path))
+            if preflight:
+                preflight_trainer(stage, model_args, trainer_args(args), dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume
+
+
+def _template_source(model_args, args, model_path: str) -> str:
+    """Where the stage's chat template comes from, for an error about it."""
+    return getattr(args, "chat_template_path", None) or model_args.adapter_name_or_path or model_path
+
+
+def render_stage_rows(stage: str, dataset, tokenizer, args, source: str):
+    """The rows as the model's own chat template renders them (align/chat.py). SFT with assistant_only_loss on a
+    template TRL cannot mask (no {% generation %} markers, not one TRL patches): every row tokenized here, each
+    assistant turn cut out and checked, and TRL trains on those masks (`trainer_args` then turns its own
+    assistant_only_loss off). Preference stages: each prompt's system message placed as the template places it,
+    and the prompt checked to render the same with and without its completions."""
+    from align import chat
+
+    if stage == "sft":
+        args._align_own_masks = False
+        if getattr(args, "assistant_only_loss", False) and chat.needs_own_masks(tokenizer):
+            args._align_own_masks = True
+            return chat.sft_rows(dataset, tokenizer, source, getattr(args, "completion_only_loss", None))
+        return dataset
+    completions = tuple(c for c in ("chosen", "rejected", "completion") if c in dataset.column_names)
+    return chat.preference_rows(dataset, tokenizer, source, completions)
+
+
+def trainer_args(args):
+    """The config the TRL trainer gets: the recipe's, except that rows align has already masked (SFT on a
+    template TRL cannot mask) go in with TRL's assistant_only_loss off (TRL would refuse tokenized rows)."""
+    import copy
+
+    if not getattr(args, "_align_own_masks", False):
+        return args
+    args = copy.copy(args)
+    args.assistant_only_loss = False
+    return args
 
 
 def _stage_tokenizer(model_args, args, model_path: str):
@@ -129,7 +164,7 @@ def run_stage(stage: str, argv: list[str]):
     # pushes (a repo made at init, every checkpoint pushed) stay off.
     args._align_push, args.push_to_hub = bool(args.push_to_hub), False
     trainer_cls = training_stage(stage).trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = trainer_cls(model=model, args=trainer_args(args), train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
     max_length = getattr(args, "max_length", None)

@@ -65,13 +65,11 @@ def takes_system(tokenizer) -> bool:
     return takes
 
 
-def conversation(tokenizer, messages: list[dict], system_prompt: str | None = None) -> list[dict]:
-    """`messages` as this model's template takes them: `system_prompt` (when given and the conversation has
-    no system message) put first; a leading system message kept where the template renders one, else put
-    before the first user message's content (as Gemma's and Mixtral-Instruct v0.1's users do)."""
+def conversation(tokenizer, messages: list[dict]) -> list[dict]:
+    """`messages` as this model's template takes them: a leading system message kept where the template
+    renders one, else put before the first user message's content, after a blank line (as users of Gemma's
+    and of Mixtral-Instruct v0.1's first template do)."""
     messages = [dict(m) for m in messages]
-    if system_prompt and not (messages and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system_prompt})
     if not messages or messages[0].get("role") != "system" or takes_system(tokenizer):
         return messages
     system, rest = messages[0], messages[1:]
@@ -82,9 +80,9 @@ def conversation(tokenizer, messages: list[dict], system_prompt: str | None = No
     return rest  # no user message to carry it: the template has no place for it
 
 
-def prompt_text(tokenizer, messages: list[dict], system_prompt: str | None = None) -> str:
+def prompt_text(tokenizer, messages: list[dict]) -> str:
     """The generation prompt for `messages` (trees, eval): the template's rendering plus its assistant header."""
-    return render(tokenizer, conversation(tokenizer, messages, system_prompt), add_generation_prompt=True)
+    return render(tokenizer, conversation(tokenizer, messages), add_generation_prompt=True)
 
 
 def needs_own_masks(tokenizer) -> bool:
@@ -116,12 +114,12 @@ def _snippet(text: str, at: int, width: int = 24) -> str:
     return repr(text[max(0, at - width):at + width])
 
 
-def _content(message: dict) -> str:
+def _content(message: dict, index: int) -> str:
     content = message.get("content")
     if content is None:
         return ""
     if not isinstance(content, str):
-        raise Unsplittable(0, message.get("role", "?"), "a message's content is not text")
+        raise Unsplittable(index, message.get("role", "?"), "its content is not text")
     return content
 
 
@@ -153,7 +151,7 @@ def assistant_mask(tokenizer, messages: list[dict], trained_from: int = 0, speci
                                    f" {' '.join(str(err).split())[:120]})") from None
             through.append(None)
             continue
-        content = _content(message).strip()
+        content = _content(message, j).strip()
         end = alone.rfind(content) + len(content) if content and content in alone else 0
         same = _common_prefix(alone, full)
         if same < end:
@@ -179,7 +177,7 @@ def assistant_mask(tokenizer, messages: list[dict], trained_from: int = 0, speci
         start = len(prompt)
         stop = len(full) if i == len(messages) - 1 else min(len(through[i]), _common_prefix(through[i], full))
         chosen = [t for t, (a, b) in enumerate(offsets) if b > a and b > start and a < stop and b <= stop]
-        no_stop += not _check_turn(full, offsets, chosen, start, _content(message), specials, i)
+        no_stop += not _check_turn(full, offsets, chosen, start, _content(message, i), specials, i)
         for t in chosen:
             mask[t] = 1
     return ids, mask, no_stop
@@ -211,17 +209,43 @@ def _check_turn(full: str, offsets, chosen: list[int], start: int, content: str,
 def unsplittable_error(source: str, row: int, err: Unsplittable) -> AlignError:
     return AlignError(
         f"{source}: the chat template cannot be cut into turns at message {err.message + 1} ({err.role}) of row "
-        f"{row}: {err.detail}; align finds assistant turns only in a template that renders each message the same "
-        "whatever follows it: set chat_template_path to such a template (a .jinja file, or one with "
+        f"{row}: {err.detail}; align finds assistant turns only in a template that writes each message as given and "
+        "the same whatever follows it: set chat_template_path to such a template (a .jinja file, or one with "
         "{% generation %} markers)")
 
 
-def sft_rows(dataset, tokenizer, source: str, completion_only_loss: bool | None = None):
+def placed_rows(dataset, tokenizer):
+    """Conversational rows with a leading system message placed as the template takes it (`conversation`), for
+    the rows TRL renders itself (SFT with {% generation %} markers or a template TRL patches); unchanged when the
+    template renders system messages or the rows hold none."""
+    column = "messages" if "messages" in dataset.column_names else "prompt"
+    if column not in dataset.column_names or not len(dataset) or takes_system(tokenizer):
+        return dataset
+    if not isinstance(dataset[0][column], list):
+        return dataset
+    return _quiet_map(dataset, lambda example: {column: conversation(tokenizer, example[column])})
+
+
+def _quiet_map(dataset, function, **kwargs):
+    """`dataset.map` without progress bars: a one-line error raised inside stays one line."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return dataset.map(function, **kwargs)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def sft_rows(dataset, tokenizer, source: str, completion_only_loss: bool | None = None, num_proc: int | None = None):
     """SFT rows (messages, or prompt/completion conversations) as input_ids and assistant_masks, which TRL's
     SFTTrainer trains on as they are. Completion-only (TRL's default for prompt/completion rows): only the
     assistant turns of the completion. Every row is checked; the first bad one is the one-line error."""
-    import datasets
-
+    if not getattr(tokenizer, "is_fast", False):
+        raise AlignError(f"{source}: the tokenizer is a slow (Python) one; assistant turns are found by token "
+                         "offsets, which only a fast tokenizer gives: give the model folder its tokenizer.json")
     specials = special_strings(tokenizer)
     warned = []
 
@@ -246,44 +270,28 @@ def sft_rows(dataset, tokenizer, source: str, completion_only_loss: bool | None 
                            "may not learn to stop", index)
         return {"input_ids": ids, "assistant_masks": mask}
 
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return dataset.map(one, with_indices=True, remove_columns=dataset.column_names)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+    return _quiet_map(dataset, one, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc)
+
+
+PROMPTS_CHECKED = 256
 
 
 def preference_rows(dataset, tokenizer, source: str, completions: tuple[str, ...]):
     """Preference rows (prompt plus chosen/rejected, or completion) with their prompt's system message placed as
-    the template places it, checked: the prompt's rendering with the generation prompt must begin the
-    rendering of prompt plus each completion, or TRL would train on a context the model never sees."""
-    import datasets
-
-    def one(example, index):
-        prompt = example["prompt"]
-        if not isinstance(prompt, list):
-            return {}
-        placed = conversation(tokenizer, prompt)
-        head = render(tokenizer, placed, add_generation_prompt=True)
+    the template places it (every row), and the template checked on the first PROMPTS_CHECKED rows: the prompt's
+    rendering with the generation prompt must begin the rendering of prompt plus each completion, or TRL would
+    train on a context the model never sees."""
+    dataset = placed_rows(dataset, tokenizer)
+    if "prompt" not in dataset.column_names or not len(dataset) or not isinstance(dataset[0]["prompt"], list):
+        return dataset
+    for index, example in enumerate(dataset.select(range(min(len(dataset), PROMPTS_CHECKED)))):
+        head = render(tokenizer, example["prompt"], add_generation_prompt=True)
         for column in completions:
-            whole = render(tokenizer, placed + list(example[column]))
+            whole = render(tokenizer, list(example["prompt"]) + list(example[column]))
             if not whole.startswith(head):
                 at = _common_prefix(head, whole)
                 raise AlignError(
                     f"{source}: row {index}: the chat template renders the prompt with its generation prompt as "
                     f"{_snippet(head, at)} but prompt plus {column} as {_snippet(whole, at)}, so the model would be "
                     "trained on a context it never sees; set chat_template_path to a template that renders turn by turn")
-        return {"prompt": placed}
-
-    first = dataset[0] if len(dataset) else {}
-    if not isinstance(first.get("prompt"), list):
-        return dataset
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return dataset.map(one, with_indices=True)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
+    return dataset

@@ -90,16 +90,18 @@ def render_stage_rows(stage: str, dataset, tokenizer, args, source: str):
     """The rows as the model's own chat template renders them (align/chat.py). SFT with assistant_only_loss on a
     template TRL cannot mask (no {% generation %} markers, not one TRL patches): every row tokenized here, each
     assistant turn cut out and checked, and TRL trains on those masks (`trainer_args` then turns its own
-    assistant_only_loss off). Preference stages: each prompt's system message placed as the template places it,
-    and the prompt checked to render the same with and without its completions."""
+    assistant_only_loss off); other SFT rows: a system message placed as the template places it. Preference
+    stages: each prompt's system message placed so, and the template checked to render a prompt the same with
+    and without its completions."""
     from align import chat
 
     if stage == "sft":
         args._align_own_masks = False
         if getattr(args, "assistant_only_loss", False) and chat.needs_own_masks(tokenizer):
             args._align_own_masks = True
-            return chat.sft_rows(dataset, tokenizer, source, getattr(args, "completion_only_loss", None))
-        return dataset
+            return chat.sft_rows(dataset, tokenizer, source, getattr(args, "completion_only_loss", None),
+                                 getattr(args, "dataset_num_proc", None))
+        return chat.placed_rows(dataset, tokenizer)
     completions = tuple(c for c in ("chosen", "rejected", "completion") if c in dataset.column_names)
     return chat.preference_rows(dataset, tokenizer, source, completions)
 

@@ -192,7 +192,7 @@ def test_generation_prompt_is_the_training_rendering(name):
     """Trees and eval prompt the model with the text SFT trained after: the prompt of a conversation is the
     start of its training rendering, system message included."""
     tokenizer = family_tokenizer(name)
-    head = chat.prompt_text(tokenizer, ROW[1:4], system_prompt=SYSTEM)
+    head = chat.prompt_text(tokenizer, ROW[:4])
     trained = chat.render(tokenizer, chat.conversation(tokenizer, ROW))
     assert trained.startswith(head) and SYSTEM in head
 
@@ -211,6 +211,22 @@ def test_preference_prompts_are_placed_and_checked():
     broken.chat_template = gemma.chat_template.replace("{{'<start_of_turn>model\n'}}", "{{'<start_of_turn>assistant\n'}}")
     with pytest.raises(AlignError, match=r"^pairs.jsonl: row 0: .*chat_template_path"):
         chat.preference_rows(rows, broken, "pairs.jsonl", ("chosen", "rejected"))
+
+
+def test_rows_trl_masks_get_their_system_message_placed_too():
+    """Gemma's template (TRL patches it) refuses a system message: the SFT rows TRL renders get it folded into
+    the first user turn, as generation does, instead of failing inside TRL."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from align.training import render_stage_rows, trainer_args
+
+    gemma = family_tokenizer("gemma")
+    args = SFTConfig(output_dir="unused", assistant_only_loss=True, report_to=[], bf16=False)
+    rows = render_stage_rows("sft", Dataset.from_list([{"messages": ROW}]), gemma, args, "gemma")
+    assert trainer_args(args) is args  # TRL masks these itself
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert chat.render(gemma, rows[0]["messages"]).startswith(chat.prompt_text(gemma, ROW[:4]))
 
 
 # --- SFT of a dense SmolLM2-shaped model, its own ChatML template, attention LoRA ---------------------------
@@ -286,3 +302,28 @@ def test_align_sft_on_a_dense_smollm2_shaped_model_writes_an_adapter(tmp_path):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert yaml.safe_load((out / "align_config.yaml").read_text())["training"]["assistant_only_loss"] is True
+
+
+def test_align_sft_names_a_template_it_cannot_cut_before_any_model_loads(tmp_path, capsys):
+    """`align sft` on a model whose template moves the system message (here via chat_template_path): one line,
+    exit 2, before the weights are read (the folder has none)."""
+    import yaml
+
+    from align.cli import main
+
+    folder = write_smollm2_shaped(tmp_path / "smol")
+    (folder / "model.safetensors").unlink()
+    template = tmp_path / "mistral_v3.jinja"
+    template.write_text(FIXTURES["mistral_v3"]["template"])
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": ROW}) + "\n")
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(folder), "datasets": [str(data)], "bf16": False,
+                                      "output_dir": str(tmp_path / "out"), "assistant_only_loss": True,
+                                      "report_to": "none"}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--config", str(recipe), "--chat_template_path", str(template)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"align: error: {template}: ")
+    assert "message 2 (user) of row 0" in err[0] and "set chat_template_path" in err[0]

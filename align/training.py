@@ -122,8 +122,14 @@ def _stage_tokenizer(model_args, args, model_path: str):
     """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
     model_revision); TRL's chat_template_path replaces the template."""
     revision = None if model_args.adapter_name_or_path or model_args.model_revision == "main" else model_args.model_revision
-    return load_tokenizer(model_args.adapter_name_or_path or model_path, getattr(args, "chat_template_path", None),
-                          revision, getattr(args, "trust_remote_code", False))
+    folder = model_args.adapter_name_or_path or model_path
+    try:
+        return load_tokenizer(folder, getattr(args, "chat_template_path", None), revision,
+                              getattr(args, "trust_remote_code", False))
+    except OSError as err:  # not found, offline, no tokenizer files: the stage cannot render its rows
+        reason = " ".join(str(err).split())[:300]
+        key = "adapter_name_or_path" if model_args.adapter_name_or_path else "model_name_or_path"
+        raise AlignError(f"{key}: {folder}: its tokenizer could not be loaded ({reason})") from None
 
 
 def run_stage(stage: str, argv: list[str]):

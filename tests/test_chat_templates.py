@@ -231,16 +231,16 @@ def test_rows_trl_masks_get_their_system_message_placed_too():
 
 # --- SFT of a dense SmolLM2-shaped model, its own ChatML template, attention LoRA ---------------------------
 
-def write_smollm2_shaped(folder: Path) -> Path:
+def write_smollm2_shaped(folder: Path, family: str = "chatml_smollm2") -> Path:
     """LlamaForCausalLM in SmolLM2-135M's shape shrunk to tiny sizes, random weights, with SmolLM2's ChatML
-    template and special tokens (pad and eos <|im_end|>, as SmolLM2-Instruct)."""
+    template and special tokens (pad and eos <|im_end|>, as SmolLM2-Instruct), or another family's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = family_tokenizer("chatml_smollm2")
+    tokenizer = family_tokenizer(family)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -249,7 +249,10 @@ def write_smollm2_shaped(folder: Path) -> Path:
     return folder
 
 
-def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path):
+@pytest.mark.parametrize("name", ["chatml_smollm2", "mixtral_instruct", "gemma"])
+def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path, name):
+    """Through TRL's SFTTrainer (align's masks for ChatML and [INST], TRL's own for Gemma, whose system message
+    align folds in first): labels only on the assistant tokens, zero loss on every other one."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -258,17 +261,18 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path):
     from align.training import render_stage_rows, trainer_args
     from align.sft.trainer import MoESFTTrainer
 
-    folder = write_smollm2_shaped(tmp_path / "smol")
-    tokenizer = family_tokenizer("chatml_smollm2")
+    folder = write_smollm2_shaped(tmp_path / "smol", name)
+    tokenizer = family_tokenizer(name)
     args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, report_to=[], max_length=512, bf16=False)
     rows = render_stage_rows("sft", Dataset.from_list([{"messages": ROW}]), tokenizer, args, str(folder))
     model = AutoModelForCausalLM.from_pretrained(folder)
     trainer = MoESFTTrainer(model=model, args=trainer_args(args), train_dataset=rows, processing_class=tokenizer)
-    assert args.assistant_only_loss and args._align_own_masks
+    assert args.assistant_only_loss and args._align_own_masks == chat.needs_own_masks(tokenizer)
     labels = trainer.train_dataset[0]["labels"]
-    mask = rows[0]["assistant_masks"]
-    assert [label != -100 for label in labels] == [bool(m) for m in mask]
-    ids = torch.tensor([rows[0]["input_ids"]])
+    ids, mask, _ = chat.assistant_mask(tokenizer, chat.conversation(tokenizer, ROW))
+    assert trainer.train_dataset[0]["input_ids"] == ids
+    assert [label != -100 for label in labels] == [bool(m) for m in mask] and sum(mask) > 20
+    ids = torch.tensor([ids])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1]
         per_token = torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=-100,

@@ -293,5 +293,6 @@ def preference_rows(dataset, tokenizer, source: str, completions: tuple[str, ...
                 raise AlignError(
                     f"{source}: row {index}: the chat template renders the prompt with its generation prompt as "
                     f"{_snippet(head, at)} but prompt plus {column} as {_snippet(whole, at)}, so the model would be "
-                    "trained on a context it never sees; set chat_template_path to a template that renders turn by turn")
+                    "trained on a context it never sees; give the model a template that renders turn by turn (chat_template_path "
+                    "in the SFT recipe: the adapter's chat_template.jinja carries it to this stage)")
     return dataset

@@ -97,8 +97,12 @@ class LocalBackend:
                 seeds.append(seed + i)
         if not chats:
             return []
-        enc = self.tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
-                                                 return_dict=True)
+        from align.chat import prompt_text
+
+        # the model's own template, a system message placed as training placed it (align/chat.py); tokenized as
+        # apply_chat_template tokenizes its rendering (no special tokens added: the template writes them)
+        enc = self.tokenizer([prompt_text(self.tokenizer, chat) for chat in chats], add_special_tokens=False,
+                             padding=True, return_tensors="pt")
         processors = None if greedy else LogitsProcessorList([RowSampler(seeds, self.spec.temperature, self.spec.top_p)])
         with self._lock, torch.no_grad():
             out = self.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,

@@ -72,21 +72,64 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         if resume is True and not _has_checkpoint(args.output_dir):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
         dataset = load_training_data(data_args, stage)
-        if not preflight:
-            return model_args, data_args, args, dataset, resume
         with quiet_libraries():
             model_path = resolve_model_path(model_args.model_name_or_path)
             tokenizer = _stage_tokenizer(model_args, args, model_path)
-            preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
+            dataset = render_stage_rows(stage, dataset, tokenizer, args, _template_source(model_args, args, model_path))
+            if preflight:
+                preflight_trainer(stage, model_args, trainer_args(args), dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume
+
+
+def _template_source(model_args, args, model_path: str) -> str:
+    """Where the stage's chat template comes from, for an error about it."""
+    return getattr(args, "chat_template_path", None) or model_args.adapter_name_or_path or model_path
+
+
+def render_stage_rows(stage: str, dataset, tokenizer, args, source: str):
+    """The rows as the model's own chat template renders them (align/chat.py). SFT with assistant_only_loss on a
+    template TRL cannot mask (no {% generation %} markers, not one TRL patches): every row tokenized here, each
+    assistant turn cut out and checked, and TRL trains on those masks (`trainer_args` then turns its own
+    assistant_only_loss off); other SFT rows: a system message placed as the template places it. Preference
+    stages: each prompt's system message placed so, and the template checked to render a prompt the same with
+    and without its completions."""
+    from align import chat
+
+    if stage == "sft":
+        args._align_own_masks = False
+        if getattr(args, "assistant_only_loss", False) and chat.needs_own_masks(tokenizer):
+            args._align_own_masks = True
+            return chat.sft_rows(dataset, tokenizer, source, getattr(args, "completion_only_loss", None),
+                                 getattr(args, "dataset_num_proc", None))
+        return chat.placed_rows(dataset, tokenizer)
+    completions = tuple(c for c in ("chosen", "rejected", "completion") if c in dataset.column_names)
+    return chat.preference_rows(dataset, tokenizer, source, completions)
+
+
+def trainer_args(args):
+    """The config the TRL trainer gets: the recipe's, except that rows align has already masked (SFT on a
+    template TRL cannot mask) go in with TRL's assistant_only_loss off (TRL would refuse tokenized rows)."""
+    import copy
+
+    if not getattr(args, "_align_own_masks", False):
+        return args
+    args = copy.copy(args)
+    args.assistant_only_loss = False
+    return args
 
 
 def _stage_tokenizer(model_args, args, model_path: str):
     """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
     model_revision); TRL's chat_template_path replaces the template."""
     revision = None if model_args.adapter_name_or_path or model_args.model_revision == "main" else model_args.model_revision
-    return load_tokenizer(model_args.adapter_name_or_path or model_path, getattr(args, "chat_template_path", None),
-                          revision, getattr(args, "trust_remote_code", False))
+    folder = model_args.adapter_name_or_path or model_path
+    try:
+        return load_tokenizer(folder, getattr(args, "chat_template_path", None), revision,
+                              getattr(args, "trust_remote_code", False))
+    except OSError as err:  # not found, offline, no tokenizer files: the stage cannot render its rows
+        reason = " ".join(str(err).split())[:300]
+        key = "adapter_name_or_path" if model_args.adapter_name_or_path else "model_name_or_path"
+        raise AlignError(f"{key}: {folder}: its tokenizer could not be loaded ({reason})") from None
 
 
 def run_stage(stage: str, argv: list[str]):
@@ -131,7 +174,7 @@ def run_stage(stage: str, argv: list[str]):
     # pushes (a repo made at init, every checkpoint pushed) stay off.
     args._align_push, args.push_to_hub = bool(args.push_to_hub), False
     trainer_cls = training_stage(stage).trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+    trainer = trainer_cls(model=model, args=trainer_args(args), train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
     max_length = getattr(args, "max_length", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,11 @@ from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_trainable_report
 
 logger = logging.getLogger("align")
+
+# transformers 5.25 renamed gradient checkpointing to activation checkpointing; recipes' old keys are mapped to
+# the new ones (align/config.py), but PEFT and TRL still read the model's old `is_gradient_checkpointing`, whose
+# FutureWarning would then show on every run about a name no recipe chose.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 RESOLVED_CONFIG_NAME = "align_config.yaml"
 
@@ -84,8 +90,12 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
 def _stage_tokenizer(model_args, args, model_path: str):
     """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
     model_revision); TRL's chat_template_path replaces the template."""
-    revision = None if model_args.adapter_name_or_path or model_args.model_revision == "main" else model_args.model_revision
-    return load_tokenizer(model_args.adapter_name_or_path or model_path, getattr(args, "chat_template_path", None),
+    from align.model_check import has_tokenizer
+
+    adapter = model_args.adapter_name_or_path
+    source = adapter if adapter and has_tokenizer(adapter) else model_path
+    revision = None if source == adapter or model_args.model_revision == "main" else model_args.model_revision
+    return load_tokenizer(source, getattr(args, "chat_template_path", None),
                           revision, getattr(args, "trust_remote_code", False))
 
 

@@ -299,12 +299,12 @@ def quantize_main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AlignError(f"output: {output} exists and is not an empty folder")
+    from align.model_check import check_model
     from align.models import load_tokenizer, resolve_model_path
 
+    check_model(args.model, "model")  # config, weights and tokenizer there, before anything loads
     path = resolve_model_path(args.model)
     if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise AlignError(f"model: {args.model} has no config.json (is it a model folder?)")
         if is_quantized_checkpoint(path):
             raise AlignError(f"model: {args.model} is already quantised (written by align quantize)")
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -302,7 +302,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     from align.model_check import check_model
     from align.models import load_tokenizer, resolve_model_path
 
-    check_model(args.model, "model")  # config, weights and tokenizer there, before anything loads
+    check_model(args.model, "model", tokenizer=False)  # config and weights there, before anything loads
     path = resolve_model_path(args.model)
     if Path(path).is_dir():
         if is_quantized_checkpoint(path):
@@ -317,6 +317,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     if not any(True for _ in find_experts(skeleton)):
         raise AlignError(f"model: {args.model} ({type(skeleton).__name__}) has no fused expert stacks to quantise")
     del skeleton
+    check_model(args.model, "model", tokenizer=True)  # OUTPUT gets the tokenizer too
     from align.models import load_with_nf4_experts
 
     try:  # each expert quantised as its shard is read: the 16-bit model is never in memory

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
 
+from align.environment import configure_logging
 from align.errors import AlignError, exit_on_user_error
 from align.stages import TRAINING_STAGES
 
@@ -16,16 +15,11 @@ COMMANDS = {
     "trees": ("align.trees.cli:trees_main", "build / export / stats / import preference trees"),
     "verify": ("align.trees.cli:verify_main", "verify responses against problems (JSON verdicts)"),
     "sandbox": ("align.trees.cli:sandbox_main", "run a Python file in the sandbox"),
-    "quantize": ("align.moe.nf4:quantize_main", "save a base with NF4 expert stacks (QLoRA for MoE), loadable as is"),
+    "quantize": ("align.moe.quantize:main", "save a base with NF4 expert stacks (QLoRA for MoE), loadable as is"),
     "eval": ("align.evaluate", "pass@1 (greedy) of models on held-out problems, plus plots"),
     "run": ("align.pipeline", "run a pipeline recipe: trees -> sft -> dpo/kto/nca -> eval -> publish"),
     "publish": ("align.publish", "a Hub-ready folder with a model card; pushes unless --dry-run"),
 }
-
-# Third-party loggers whose records are noise for our users: bitsandbytes warns on every import on a CPU
-# machine that the optional `kernels` package (a faster CPU 4-bit GEMM) is missing.
-QUIET_LOGGERS = {"bitsandbytes.backends.cpu.ops": logging.ERROR}
-
 
 def usage() -> str:
     lines = ["usage: align <command> [options]", "", "commands:"]
@@ -33,37 +27,6 @@ def usage() -> str:
     lines += ["", "Training stages take --config RECIPE.yaml and --key value overrides; `align <command> --help`",
               "lists a command's options (for a stage: every recipe key, with its type, default and help)."]
     return "\n".join(lines)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes (not the stream of the first call, which a caller
-    that redirects stderr, such as a test's capture, may since have closed)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def configure_logging() -> None:
-    """Our records as `[align] message` on stderr; other libraries' records are left to their own
-    handlers (transformers, datasets) or Python's default (warnings and errors, unprefixed)."""
-    logger = logging.getLogger("align")
-    if not any(getattr(h, "_align_handler", False) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[align] %(message)s"))
-        handler._align_handler = True
-        logger.addHandler(handler)
-    level = os.environ.get("ALIGN_LOG_LEVEL", "INFO").upper()
-    if not isinstance(logging.getLevelName(level), int):
-        raise AlignError(f"ALIGN_LOG_LEVEL: {level!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
-    logger.setLevel(level)
-    logger.propagate = False
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
 
 
 @exit_on_user_error
@@ -75,7 +38,7 @@ def main(argv: list[str] | None = None):
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise AlignError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)}; see align --help)")
-    configure_logging()
+    configure_logging(command)
     module_name, _, function = COMMANDS[command][0].partition(":")
     result = getattr(importlib.import_module(module_name), function or "main")(rest)
     return result if isinstance(result, int) else 0

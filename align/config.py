@@ -244,7 +244,9 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise AlignError(f"{path}: key {bad[0]!r} is not a name (recipe keys are strings)")
-    return data
+    from align.leaks import restore
+
+    return restore(path, data)  # the secrets a pipeline wrote masked and handed this process in memory
 
 
 def _help_type(tp) -> str:
@@ -572,11 +574,34 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
     except (ValueError, TypeError) as err:
         raise AlignError(f"{source}: {' '.join(str(err).split())}") from None
     train_args._align_recipe_source = source  # noqa: SLF001 - kept for the resolved-config dump
+    hold_secrets(train_args)
     return model_args, data_args, train_args
 
 
+def hold_secrets(train_args) -> None:
+    """Take the credentials off the training arguments before a Trainer pickles them (training_args.bin in
+    the output folder and every checkpoint): a key that holds one (hub_token) is kept in this process's
+    memory only (align.leaks.held: the stage's own push uses it) and set to None; a credential-looking value
+    in any other option (no training option needs one) is masked. docs/secrets.md says why."""
+    from align.leaks import credential_in, hold, mask_text, secret_key
+
+    for f in dataclasses.fields(train_args):
+        value = getattr(train_args, f.name, None)
+        if secret_key(f.name):
+            given = isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) != ""
+            hold(train_args, f.name, str(value) if given else None)
+            if given:
+                setattr(train_args, f.name, None)
+        elif isinstance(value, str) and credential_in(value):
+            setattr(train_args, f.name, mask_text(value))
+        elif isinstance(value, list) and any(isinstance(v, str) and credential_in(v) for v in value):
+            setattr(train_args, f.name, [mask_text(v) if isinstance(v, str) else v for v in value])
+
+
 def resolved_config(model_args, data_args, train_args) -> dict[str, Any]:
-    """Every option the stage ran with, as plain YAML-able values (written next to the adapter)."""
+    """Every option the stage ran with, as plain YAML-able values (written next to the adapter), with its
+    credentials masked (align.leaks.mask; a hub_token the stage holds in memory reads as masked)."""
+    from align.leaks import MASK, held, mask, secret_key
 
     def plain(obj):
         out = {}
@@ -591,8 +616,6 @@ def resolved_config(model_args, data_args, train_args) -> dict[str, Any]:
             out[f.name] = v
         return out
 
-    return {
-        "model": plain(model_args),
-        "data": plain(data_args),
-        "training": {k: v for k, v in plain(train_args).items() if not k.startswith("_")},
-    }
+    training = {k: v for k, v in plain(train_args).items() if not k.startswith("_")}
+    training.update({k: MASK for k, v in training.items() if v is None and secret_key(k) and held(train_args, k) is not None})
+    return mask({"model": plain(model_args), "data": plain(data_args), "training": training})[0]

@@ -30,7 +30,9 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except AlignError as err:
-            message = " ".join(str(err).split("\n"))
+            from align.redact import mask_text
+
+            message = mask_text(" ".join(str(err).split("\n")))  # a credential a bad value quotes stays out of logs
             print(f"align: error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(err.exit_code) from None
 
@@ -40,11 +42,19 @@ def exit_on_user_error(fn):
 @contextlib.contextmanager
 def warnings_unless_user_error():
     """Hold back the warnings raised inside (libraries warn while parsing configs, e.g. about their own
-    deprecated defaults): re-issued as usual when the block succeeds, dropped when it ends in an AlignError,
-    whose one line must stay the only line."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    deprecated defaults): re-issued as usual when the block succeeds; when it ends in an AlignError, whose
+    one line must stay the only line, they go to the library log only (align/environment.py)."""
+    import logging
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    except AlignError:
+        for w in caught:  # (under the CLI, the library log takes every record of a logger outside align)
+            logging.getLogger("py.warnings").warning(
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip())
+        raise
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 

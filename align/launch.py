@@ -56,14 +56,17 @@ def split_accelerate_config(argv: list[str]) -> tuple[str, list[str]]:
     return value, rest
 
 
-def relaunch_under_accelerate(stage: str, argv: list[str]) -> int:
+def relaunch_under_accelerate(stage: str, argv: list[str], prepare) -> int:
+    """`prepare(stage, argv, preflight=False)` checks the recipe and loads its data (the training stage's
+    `prepare_stage`, passed in: this module stands below align/training.py and imports none of it)."""
     from align.extras import check_accelerate_config
-    from align.training import prepare_stage
 
     value, rest = split_accelerate_config(argv)
     config_file = resolve_accelerate_config(value)
     check_accelerate_config(config_file)
-    prepare_stage(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
+    prepare(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
     cmd = accelerate_command(stage, str(config_file), rest)
-    print(f"[align] {stage}: launching accelerate launch {shlex.join(cmd[3:])}", flush=True)
+    from align.leaks import mask_argv
+
+    print(f"[align] {stage}: launching accelerate launch {shlex.join(mask_argv(cmd[3:]))}", flush=True)
     return subprocess.call(cmd)

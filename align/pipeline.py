@@ -35,6 +35,7 @@ import yaml
 
 from align.config import load_recipe_file
 from align.data import local_form
+from align.environment import LIBRARY_LOG_ENV
 from align.errors import AlignError
 from align.stages import TRAINING_STAGES
 
@@ -223,7 +224,10 @@ class Runner:
         if stage["kind"] == "publish":  # publishes `source`, with the eval stage's table and plots in its card
             refs |= {stage.get("source")} | ({"eval"} & set(self.folders))
         refs = sorted(r for r in refs if r)
-        payload = {"stage": resolved, "inputs": {r: self.hashes.get(r) for r in refs}}
+        from align.leaks import mask
+
+        # over the masked stage: a token or password changes nothing a stage makes (and its hash is written)
+        payload = {"stage": mask(resolved)[0], "inputs": {r: self.hashes.get(r) for r in refs}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------ checking
@@ -332,17 +336,21 @@ class Runner:
             self._exists_or_produced(str(_spec(item, j)["path"]), where, f"datasets[{j}]")
 
     # ------------------------------------------------------------ execution
-    def _run(self, cmd: list[str], log: Path, name: str) -> None:
+    def _run(self, cmd: list[str], log: Path, name: str, secrets: dict | None = None) -> None:
         """Run one command of a stage, its whole output into `log`; meanwhile show the stage's progress
-        (align/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S."""
+        (align/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S.
+        `secrets` ({file: what align.leaks.mask found}) go to the command in its environment, not a file."""
+        from align.leaks import mask_argv, recipe_secrets_env
         from align.progress import PROGRESS_ENV, read_progress
 
         progress_file = log.parent / "progress.json"
         progress_file.unlink(missing_ok=True)  # (an earlier command's, or an interrupted attempt's)
         with open(log, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
+            f.write(f"$ {shlex.join(mask_argv(cmd))}\n")
             f.flush()
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file)}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file),
+                   LIBRARY_LOG_ENV: "-",  # the stage's stderr is its log: other libraries' records go there
+                   **recipe_secrets_env(secrets or {})}
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             start = time.monotonic()
             stop = threading.Event()
@@ -376,10 +384,14 @@ class Runner:
             raise StageFailed(name, log, code)
 
     def execute(self, stage: dict, resolved: dict, folder: Path) -> list[str]:
+        from align.leaks import mask
+
         kind, log = stage["kind"], folder / "log.txt"
         recipe_path = folder / "recipe.yaml"
+        secrets = {}  # the recipe's credentials: written masked, handed to the stage's processes in memory
         if "resolved_recipe" in resolved:
-            recipe_path.write_text(yaml.safe_dump(resolved["resolved_recipe"], sort_keys=False))
+            recipe, secrets[str(recipe_path)] = mask(resolved["resolved_recipe"])
+            recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         if kind == "data":
             from align.quickstart import write_generated_data
 
@@ -388,18 +400,20 @@ class Runner:
             from align.launch import accelerate_command
 
             config_file = stage.get("accelerate_config") or self.spec.get("accelerate_config")
-            self._run(accelerate_command(kind, config_file, ["--config", str(recipe_path)]), log, stage["name"])
+            self._run(accelerate_command(kind, config_file, ["--config", str(recipe_path)]), log, stage["name"], secrets)
             return [str(folder)]
         if kind == "trees":
-            self._run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe_path)], log, stage["name"])
+            self._run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe_path)], log, stage["name"],
+                      secrets)
             self._run([sys.executable, "-m", "align", "trees", "export", str(folder), "--output", str(folder / "export")],
                       log, stage["name"])
             return [str(folder / "trees.jsonl"), str(folder / "export")]
         if kind == "eval":
             eval_spec = folder / "eval.yaml"
-            eval_spec.write_text(yaml.safe_dump({k: v for k, v in resolved.items() if k not in ("name", "kind", "enabled")}))
+            spec, secrets[str(eval_spec)] = mask({k: v for k, v in resolved.items() if k not in ("name", "kind", "enabled")})
+            eval_spec.write_text(yaml.safe_dump(spec))
             self._run([sys.executable, "-m", "align", "eval", "--config", str(eval_spec), "--output", str(folder)],
-                      log, stage["name"])
+                      log, stage["name"], secrets)
             print((folder / "results.md").read_text(), flush=True)
             return [str(folder / "results.json"), str(folder / "results.md"), str(folder / "plots")]
         # publish
@@ -414,7 +428,10 @@ class Runner:
             cmd += ["--dataset-repo-id", repo]
         if not resolved.get("push"):
             cmd.append("--dry-run")
-        self._run(cmd, log, stage["name"])
+        # the source stage's credentials, in memory: the publish checks the folder for their values too
+        source_stage = next(s for s in self.spec["stages"] if s["name"] == resolved["source"])
+        source_recipe = self.resolve(source_stage).get("resolved_recipe") or {}
+        self._run(cmd, log, stage["name"], {str(Path(source) / "recipe.yaml"): mask(source_recipe)[1]})
         return [str(folder / "hub")]
 
     def run(self, only: str | None = None, start_from: str | None = None, enable: set[str] = frozenset()) -> int:
@@ -451,7 +468,9 @@ class Runner:
                 # attempt, whose partial work, such as finished trees, the stage resumes from.)
                 shutil.rmtree(folder)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            from align.leaks import mask
+
+            (folder / "resolved.yaml").write_text(yaml.safe_dump(mask(resolved)[0], sort_keys=False))
             (folder / "log.txt").write_text("")
             print(f"[align] run: {name} ({stage['kind']}) ...", flush=True)
             start = time.monotonic()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from align.data import local_form
 from align.errors import AlignError
+from align.hub import hub_call
 
 
 # What a stage's output folder holds that is not the model: checkpoints (optimizer and RNG states), logs, a
@@ -14,29 +15,30 @@ from align.errors import AlignError
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "merged/**", "*.tmp", ".*"]
 
 
-def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bool = True) -> str:
-    """Create `repo_id` (private by default) and upload `folder` (without PUSH_IGNORE); the token comes from
-    HF_TOKEN / the login."""
+def check_push_folder(folder: str, repo_type: str = "model") -> None:
+    """What a push of `folder` would upload (without PUSH_IGNORE) holds no secret: not the value of one of
+    this environment's (or this process's) secrets, and, for a model, nothing that looks like a credential
+    of any kind (align.leaks.credential_in_file): one line naming the file, else nothing."""
+    from align.leaks import check_folder
+
+    check_folder(folder, ignore=PUSH_IGNORE, patterns=repo_type == "model")
+
+
+def push_folder(folder: str, repo_id: str, repo_type: str = "model", private: bool = True,
+                token: str | None = None) -> str:
+    """Create `repo_id` (private by default) and upload `folder` (without PUSH_IGNORE), once
+    check_push_folder finds no secret in it; the token is `token` (a recipe's hub_token, held in memory),
+    else HF_TOKEN / the login."""
     from huggingface_hub import HfApi
 
     if "/" not in repo_id:
         raise AlignError(f"--push-to-hub/--repo-id: {repo_id!r} should look like ORG/NAME")
-    from align.leaks import check_folder
-
-    check_folder(folder, ignore=PUSH_IGNORE)
-    api = HfApi(token=os.environ.get("HF_TOKEN"))
+    check_push_folder(folder, repo_type)
+    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
     hub_call(f"push to {repo_id}", api.create_repo, repo_id, repo_type=repo_type, private=private, exist_ok=True)
     hub_call(f"push to {repo_id}", api.upload_folder, folder_path=folder, repo_id=repo_id, repo_type=repo_type,
              ignore_patterns=PUSH_IGNORE)
     return f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
-
-
-def hub_call(what: str, fn, *args, **kwargs):
-    """A Hub call whose failure (network, auth, quota) is one line naming what failed."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as err:
-        raise AlignError(f"{what} failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
 
 
 def is_local(name: str | None) -> bool:
@@ -156,7 +158,10 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
     src, out = Path(stage_dir), Path(output)
     if not (src / "align_config.yaml").is_file():
         raise AlignError(f"{stage_dir}: not a stage output (no align_config.yaml)")
-    config = yaml.safe_load((src / "align_config.yaml").read_text())
+    from align.leaks import mask
+
+    # masked again: a folder a stage wrote before align masked its config would publish its credentials
+    config, unmasked = mask(yaml.safe_load((src / "align_config.yaml").read_text()))
     adapter_config = json.loads((src / "adapter_config.json").read_text()) if (src / "adapter_config.json").exists() else None
     if merge and adapter_config:  # the base and the adapter are what they say, before the output is touched
         from align.model_check import check_adapter, check_model
@@ -185,6 +190,8 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
                  "chat_template.jinja", "align_config.yaml"):
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+    if unmasked:
+        (out / "align_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     results, plots = None, []
     if eval_results and Path(eval_results).is_file():
         results = json.loads(Path(eval_results).read_text())
@@ -221,6 +228,7 @@ def main(argv: list[str]):
     folder = build_publish_folder(args.stage_output, args.repo_id, args.output or os.path.join(args.stage_output, "hub"),
                                   merge=args.merge, eval_results=args.eval, base_repo=args.base_repo_id,
                                   dataset_repos=args.dataset_repo_id)
+    check_push_folder(str(folder))  # a dry run refuses as the push would: one line naming the file
     print(f"[align] publish: folder ready at {folder}")
     if not args.dry_run:
         from huggingface_hub import ModelCard

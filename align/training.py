@@ -114,7 +114,7 @@ def run_stage(stage: str, argv: list[str]):
     if "--accelerate_config" in argv or any(a.startswith("--accelerate_config=") for a in argv):
         from align.launch import relaunch_under_accelerate
 
-        return relaunch_under_accelerate(stage, argv)
+        return relaunch_under_accelerate(stage, argv, prepare_stage)
     model_args, data_args, args, dataset, resume = prepare_stage(stage, argv)
     logger.info("%s: %d training rows", stage, len(dataset))
 
@@ -312,18 +312,20 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
         tokenizer.save_pretrained(merged_dir)
     print(f"[align] {stage}: adapter written to {out}", flush=True)
     if getattr(args, "_align_push", False):
+        from align.leaks import held
         from align.publish import push_folder
 
+        token = held(args, "hub_token")  # the recipe's, kept in memory only (align.config.hold_secrets)
         repo = args.hub_model_id or out.name
-        url = push_folder(str(out), repo if "/" in repo else f"{_hub_user()}/{repo}",
-                          private=args.hub_private_repo is not False)
+        url = push_folder(str(out), repo if "/" in repo else f"{_hub_user(token)}/{repo}",
+                          private=args.hub_private_repo is not False, **({"token": token} if token else {}))
         print(f"[align] {stage}: pushed to {url}", flush=True)
 
 
-def _hub_user() -> str:
+def _hub_user(token: str | None = None) -> str:
     from huggingface_hub import whoami
 
     try:
-        return whoami(token=os.environ.get("HF_TOKEN"))["name"]
+        return whoami(token=token or os.environ.get("HF_TOKEN"))["name"]
     except Exception as err:
         raise AlignError(f"push_to_hub: set hub_model_id: ORG/NAME (no Hub login to name the repo: {err})") from None

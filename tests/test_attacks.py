@@ -151,12 +151,12 @@ ATTACKS = {
 def path(request, monkeypatch):
     """Each attack against both ways of judging: literal asserts judged in the verifier's process, and the
     tests' own process (forced here by planning nothing)."""
-    from align.tasks import literal_tests
+    from align.tasks import literal_tests, sandbox
 
     if request.param == "two-process":
         monkeypatch.setattr(literal_tests, "plan", lambda *args: None)
-    else:
-        assert literal_tests.plan(TESTS, "add") is not None  # the corpus's tests are judged literally
+    else:  # the corpus's tests are judged literally (the sandbox uses a plan only under its own Python version)
+        assert literal_tests.plan(TESTS, "add") is not None and sandbox.sandbox_interpreter_matches()
     return request.param
 
 

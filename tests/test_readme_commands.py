@@ -1,7 +1,9 @@
-"""Every command the README documents runs, through the CLI entry point, on tiny inputs.
+"""Every command the README and the documentation pages (docs/*.md) show runs, through the CLI entry
+point, on tiny inputs.
 
-`test_every_readme_command_has_a_smoke_run` reads the README's code for `align <command> [<sub>]` and
-fails when one has no smoke run below, so a refactor cannot silently remove what a command points at.
+`test_every_readme_command_has_a_smoke_run` reads the code of the README and of every page for
+`align <command> [<sub>]` and fails when one has no smoke run below, so a refactor cannot silently remove
+what a command points at, and a page cannot show a command nothing runs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ SUBCOMMANDS = {"trees", "sandbox"}
 
 
 def readme_commands() -> set[str]:
-    text = (REPO / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     code = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
     found = set()
     for snippet in code:
@@ -175,7 +177,7 @@ SMOKE["run --check"] = SMOKE.pop("run check")
 def test_every_readme_command_has_a_smoke_run():
     documented = readme_commands()
     assert {"run", "sft", "trees build", "quantize", "accelerate launch"} <= documented  # the parser works
-    assert documented - set(SMOKE) == set(), "README commands without a smoke run"
+    assert documented - set(SMOKE) == set(), "README / docs commands without a smoke run"
 
 
 @pytest.mark.parametrize("command", sorted(set(SMOKE) - {"accelerate launch"}))

@@ -131,7 +131,7 @@ def lora_grouped_linear(x, offs, weight, reload=None, lora=None):
 def _frozen_stack(experts, name):
     """(the stack as a tensor, a reload callable or None): NF4 stacks are dequantised here and again in the
     backward; plain stacks are used as they are."""
-    from align.moe.nf4 import is_nf4
+    from align.moe.nf4_tensor import is_nf4
 
     stack = getattr(experts, name)
     if is_nf4(stack):

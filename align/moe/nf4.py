@@ -12,7 +12,8 @@ nests the two stacks' wrappers in the other order, which renames adapter keys, a
 behind after each forward.) What makes it cheap is the experts forward installed here and the fused LoRA
 path (`fused_lora.py`): they dequantise one stack at a time inside the forward and again inside the
 backward, and never keep a dequantised stack alive between the two, where a plain autograd graph keeps
-every layer's 16-bit stack until the backward.
+every layer's 16-bit stack until the backward. The tensor subclass itself is in `nf4_tensor.py`, below
+both; `align quantize` is `quantize.py`.
 """
 
 from __future__ import annotations
@@ -24,84 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BLOCKSIZE = 64
+from align.moe.nf4_tensor import BLOCKSIZE, Nf4Tensor, is_nf4  # noqa: F401 (the format; re-exported)
+
 CONFIG_KEY = "align_nf4_experts"  # in config.json of a saved quantised base: {"blocksize": 64}
 STACKS = ("gate_up_proj", "down_proj")
-
-
-aten = torch.ops.aten
-
-
-def _dequantize(packed, absmax, shape, dtype, blocksize):
-    import bitsandbytes.functional as bnbf
-
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=bnbf.get_4bit_type("nf4", device=packed.device),
-                            blocksize=blocksize, quant_type="nf4", dtype=dtype)
-    return bnbf.dequantize_4bit(packed, state)
-
-
-class Nf4Tensor(torch.Tensor):
-    """An `[E, out, in]` expert stack stored as NF4 bytes that reads as a tensor of `dtype`.
-
-    Every op but moves, views of itself and copies dequantises first, so the model's own experts forward,
-    generation and PEFT's `target_parameters` (which wraps, nests and names it as it would the 16-bit
-    stack, so adapters stay interchangeable) all see the stack they expect. Indexing one expert
-    dequantises that expert alone. The fused path calls `dequantize()` itself, inside its own GEMMs.
-    """
-
-    @staticmethod
-    def __new__(cls, packed, absmax, shape, dtype, blocksize=BLOCKSIZE):
-        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=dtype, device=packed.device,
-                                                   requires_grad=False)
-
-    def __init__(self, packed, absmax, shape, dtype, blocksize=BLOCKSIZE):
-        self.packed = packed  # uint8 [E·out·in/2, 1]
-        self.absmax = absmax  # float32 [E·out·in/blocksize], experts back to back
-        self.blocksize = blocksize
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _dequantize(self.packed, self.absmax, self.shape, dtype or self.dtype, self.blocksize)
-
-    def expert(self, index: int) -> torch.Tensor:
-        per_expert = self.shape[1] * self.shape[2]
-        packed = self.packed[index * per_expert // 2:(index + 1) * per_expert // 2]
-        absmax = self.absmax[index * per_expert // self.blocksize:(index + 1) * per_expert // self.blocksize]
-        return _dequantize(packed, absmax, self.shape[1:], self.dtype, self.blocksize)
-
-    def _like(self, packed=None, absmax=None, dtype=None):
-        return Nf4Tensor(self.packed if packed is None else packed, self.absmax if absmax is None else absmax,
-                         self.shape, dtype or self.dtype, self.blocksize)
-
-    def __tensor_flatten__(self):
-        return ["packed", "absmax"], (tuple(self.shape), self.dtype, self.blocksize)
-
-    @staticmethod
-    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        shape, dtype, blocksize = meta
-        return Nf4Tensor(inner["packed"], inner["absmax"], shape, dtype, blocksize)
-
-    def __repr__(self, **kwargs):
-        return f"Nf4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, blocksize={self.blocksize})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (aten.detach.default, aten.alias.default):
-            return args[0]._like()
-        if func is aten.clone.default:
-            return args[0]._like(args[0].packed.clone(), args[0].absmax.clone())
-        if func is aten._to_copy.default:
-            t, device = args[0], kwargs.get("device")
-            move = (lambda x: x.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else (lambda x: x)
-            return t._like(move(t.packed), move(t.absmax), kwargs.get("dtype"))
-        if func is aten.select.int and args[1] == 0:
-            return args[0].expert(args[2] % args[0].shape[0])
-        if func in (aten.copy_.default, aten.set_.source_Tensor) and isinstance(args[0], Nf4Tensor):
-            raise RuntimeError("an NF4 expert stack is frozen: quantise a new one instead of copying into it")
-        from torch.utils._pytree import tree_map_only
-
-        args, kwargs = tree_map_only(Nf4Tensor, lambda t: t.dequantize(), (args, kwargs))
-        return func(*args, **kwargs)
 
 
 def quantize_stack(stack: torch.Tensor, blocksize: int = BLOCKSIZE, compute_device=None) -> Nf4Tensor:
@@ -149,10 +76,6 @@ def _nf4_code(device) -> torch.Tensor:
 
         _NF4_CODES[key] = bnbf.get_4bit_type("nf4", device="cpu").float().to(device)
     return _NF4_CODES[key]
-
-
-def is_nf4(tensor) -> bool:
-    return isinstance(tensor, Nf4Tensor)
 
 
 def find_experts(model: nn.Module):
@@ -282,62 +205,3 @@ def rebuild_meta_buffers(model: nn.Module, device=None) -> None:
             parent = model.get_submodule(parent_name) if parent_name else model
             with torch.device(device or "cpu"):
                 setattr(parent, child, type(module)(config=model.config))
-
-
-# ---------------------------------------------------------------- `align quantize`
-def quantize_main(argv: list[str] | None = None) -> int:
-    """`align quantize MODEL OUTPUT`: write a base whose expert stacks are NF4, once; recipes then name
-    OUTPUT as model_name_or_path and load it without quantising (or dequantising) anything."""
-    from align.errors import AlignError, ArgumentParser
-
-    parser = ArgumentParser(prog="align quantize", description=quantize_main.__doc__)
-    parser.add_argument("model", help="hub id or folder of a Mixtral-type model (or tiny-mixtral)")
-    parser.add_argument("output", help="folder to write (config, tokenizer, model.safetensors); must be new or empty")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="dtype of the non-expert weights and of the dequantised experts (default bfloat16)")
-    args = parser.parse_args(argv)
-    output = Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise AlignError(f"output: {output} exists and is not an empty folder")
-    from align.model_check import check_model
-    from align.models import load_tokenizer, resolve_model_path
-
-    check_model(args.model, "model", tokenizer=False)  # config and weights there, before anything loads
-    path = resolve_model_path(args.model)
-    if Path(path).is_dir():
-        if is_quantized_checkpoint(path):
-            raise AlignError(f"model: {args.model} is already quantised (written by align quantize)")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:  # the architecture alone, on the meta device: a model without fused experts is refused unloaded
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    except (OSError, ValueError, KeyError) as err:
-        raise AlignError(f"model: {args.model} could not be loaded ({' '.join(str(err).split())[:200]})") from None
-    if not any(True for _ in find_experts(skeleton)):
-        raise AlignError(f"model: {args.model} ({type(skeleton).__name__}) has no fused expert stacks to quantise")
-    del skeleton
-    check_model(args.model, "model", tokenizer=True)  # OUTPUT gets the tokenizer too
-    from align.models import load_with_nf4_experts
-
-    try:  # each expert quantised as its shard is read: the 16-bit model is never in memory
-        model = load_with_nf4_experts(path, {"dtype": getattr(torch, args.dtype)})
-    except (OSError, ValueError) as err:
-        raise AlignError(f"model: {args.model} could not be loaded ({' '.join(str(err).split())[:200]})") from None
-    count = nf4_stack_count(model)
-    if not count:
-        raise AlignError(f"model: {args.model} has no fused expert stacks to quantise")
-    tmp = output.with_name(f".{output.name}.partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    save_quantized(model, tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    load_tokenizer(path).save_pretrained(tmp)
-    if output.exists():
-        output.rmdir()
-    tmp.replace(output)  # a kill mid-write leaves only the .partial folder, never a half-written OUTPUT
-    print(f"[align] quantize: {count} expert stacks in NF4 written to {output}")
-    return 0

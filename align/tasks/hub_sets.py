@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from align.errors import AlignError
-from align.tasks.problems import Problem, collect_problems
+from align.tasks.schema import Problem, collect_problems
 
 
 @dataclass(frozen=True)

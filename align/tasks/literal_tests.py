@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -79,7 +78,9 @@ _PLANNING_ERRORS = (NotLiteral, Undecided, SyntaxError, ValueError, TypeError, R
 
 def plan(tests: str, entry_point: str, prompt: str = "") -> LiteralPlan | None:
     """The calls and asserts of `tests`, or None when they are not only literal asserts. Plans are kept
-    (never changed after they are made; each verification judges with a `Judge` of its own) unless big."""
+    (never changed after they are made; each verification judges with a `Judge` of its own) unless big.
+    The sandbox uses a plan only where its interpreter is the same Python version as align's
+    (`sandbox.sandbox_interpreter_matches`)."""
     cached = _cached_plan(tests, entry_point, prompt)
     return _plan(tests, entry_point, prompt) if cached is False else cached
 
@@ -93,33 +94,12 @@ def _cached_plan(tests: str, entry_point: str, prompt: str) -> LiteralPlan | boo
 
 
 def _plan(tests: str, entry_point: str, prompt: str) -> LiteralPlan | None:
-    if not sandbox_interpreter_matches():
-        return None
     try:
         with _parse_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tests' own SyntaxWarnings are not ours to print
             return _Planner(tests, entry_point, prompt).build()
     except _PLANNING_ERRORS:
         return None
-
-
-@functools.lru_cache(maxsize=None)
-def sandbox_interpreter_matches() -> bool:
-    """The two-process path runs the tests with the sandbox's interpreter; this judge uses ours. Where they
-    are different versions (`sum` of floats differs between 3.11 and 3.12), the judge is not used."""
-    import subprocess
-
-    from align.tasks.sandbox import _python_for_runs, capabilities
-
-    python = _python_for_runs(capabilities()["root"])
-    if python == sys.executable:
-        return True
-    try:
-        out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out == str(tuple(sys.version_info[:2]))
 
 
 class _Planner:

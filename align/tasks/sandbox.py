@@ -497,6 +497,24 @@ def _python_for_runs(root: bool) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def sandbox_interpreter_matches() -> bool:
+    """The two-process path runs the tests with the sandbox's interpreter; the literal judge
+    (literal_tests.py) uses ours. Where they are different versions (`sum` of floats differs between 3.11
+    and 3.12), the judge is not used."""
+    import subprocess
+
+    python = _python_for_runs(capabilities()["root"])
+    if python == sys.executable:
+        return True
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out == str(tuple(sys.version_info[:2]))
+
+
+@functools.lru_cache(maxsize=None)
 def candidate_read_paths() -> list[str]:
     """Where the candidate side of a verification may read: the system's and the interpreter's folders
     (not /proc, /sys, /tmp, /root or /home: no other process's memory, no other run's files, no token)."""
@@ -736,7 +754,7 @@ def run_tests_isolated(code: str, tests: str, entry_point: str, prompt: str = ""
     candidate defines."""
     limits = limits or SandboxLimits()
     harness = "from _harness import run_in_process, run_tests, serve\n"  # preloaded in the zygote
-    literal = literal_tests.plan(tests, entry_point, prompt)
+    literal = literal_tests.plan(tests, entry_point, prompt) if sandbox_interpreter_matches() else None
     if literal is None:
         return _run_tests_split(code, tests, entry_point, prompt, limits, harness)
     judge = literal_tests.Judge(literal)

@@ -108,7 +108,11 @@ def check_trees_models(actor: ModelSpec, critic: CriticSpec, source: str, produc
 
 
 def _check_or_record_settings(out: Path, settings: dict, command: str) -> None:
-    """build_info.json records what the trees were built with; a rerun must match it to resume."""
+    """build_info.json records what the trees were built with; a rerun must match it to resume. Recorded
+    and compared with its credentials masked (a password in base_urls: docs/secrets.md)."""
+    from align.leaks import mask, mask_text
+
+    settings, command = mask(settings)[0], mask_text(command)
     info_path = out / BUILD_INFO
     if info_path.exists():
         try:

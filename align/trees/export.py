@@ -288,7 +288,7 @@ def push_export(folder: str, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import DatasetCard
 
     from align.leaks import check_folder
-    from align.publish import hub_call
+    from align.hub import hub_call
 
     if "/" not in repo_id:
         raise AlignError(f"--push-to-hub: {repo_id!r} should look like ORG/NAME")

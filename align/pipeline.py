@@ -262,9 +262,7 @@ class Runner:
             elif kind in TRAINING_STAGES:
                 self._check_training(kind, resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
             elif kind == "eval":
-                from align.evaluate import parse_eval_config
-
-                from align.evaluate import check_eval_models
+                from align.evaluate import check_eval_models, parse_eval_config
 
                 config = parse_eval_config({k: v for k, v in resolved.items() if k not in COMMON_KEYS}, where)
                 self._check_problems(config.problems, where)

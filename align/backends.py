@@ -74,11 +74,13 @@ class LocalBackend:
     run in, never on timing. The tree builder makes that batch a fixed group of trees."""
 
     def __init__(self, spec: ModelSpec):
+        from align.model_check import check_model_and_adapter, has_tokenizer
         from align.models import load_for_generation, load_tokenizer, resolve_model_path
 
+        check_model_and_adapter(spec.model, spec.adapter)  # one line, not a traceback from the load below
         path = resolve_model_path(spec.model)
         self.spec = spec
-        self.tokenizer = load_tokenizer(spec.adapter or path)
+        self.tokenizer = load_tokenizer(spec.adapter if spec.adapter and has_tokenizer(spec.adapter) else path)
         self.tokenizer.padding_side = "left"
         self.model = load_for_generation(path, spec.adapter, spec.dtype)
         self._lock = threading.Lock()

@@ -423,6 +423,36 @@ def translate_trl_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+# transformers 5.25 renamed gradient checkpointing (the old names still work, with a FutureWarning on every
+# run, and TRL's configs set the old one by default); where the installed transformers has the new names,
+# a recipe's old keys become them, so the run says nothing about names the recipe did not choose.
+CHECKPOINTING_RENAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def current_names(values: dict[str, Any], train_config_cls, source: str) -> dict[str, Any]:
+    """A recipe's gradient_checkpointing(_kwargs) as activation_checkpointing(_kwargs), where the config has those."""
+    names = {f.name for f in dataclasses.fields(train_config_cls)}
+    out = dict(values)
+    for old, new in CHECKPOINTING_RENAMES:
+        if old in out and new in names:
+            if new in out and out[new] != out[old]:
+                raise AlignError(f"{source}: keys '{old}' and '{new}' say the same thing (the first is the old name "
+                                 "of the second); keep one")
+            out[new] = out.pop(old)
+    return out
+
+
+def checkpointing_default(values: dict[str, Any], train_config_cls) -> dict[str, Any]:
+    """TRL's default for checkpointing (its configs default gradient_checkpointing to true), under the current name."""
+    fields = {f.name: f for f in dataclasses.fields(train_config_cls)}
+    if "activation_checkpointing" not in fields or "activation_checkpointing" in values:
+        return {}
+    old = fields.get("gradient_checkpointing")
+    default = old.default if old is not None and old.default is not dataclasses.MISSING else None
+    return {} if default is None else {"activation_checkpointing": bool(default)}
+
+
 def validate_keys(values: dict[str, Any], classes, source: str) -> dict[str, Any]:
     """Check every key exists in one of `classes` and coerce its value to the field's type."""
     known = _field_types(classes)
@@ -532,8 +562,10 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
             os.environ[str(name)] = str(value)
 
     classes = (ModelArguments, DataArguments, train_config_cls)
-    values = validate_keys(translate_trl_keys(recipe, source), classes, source)
-    values.update(validate_keys(translate_trl_keys(overrides or {}, "command line"), classes, "command line"))
+    values = current_names(validate_keys(translate_trl_keys(recipe, source), classes, source), train_config_cls, source)
+    values.update(current_names(validate_keys(translate_trl_keys(overrides or {}, "command line"), classes,
+                                              "command line"), train_config_cls, "command line"))
+    values.update(checkpointing_default(values, train_config_cls))
     values.update(cpu_processes_defaults(values))
     names = {f.name for f in dataclasses.fields(train_config_cls)}
     if "assistant_only_loss" in names and not {"assistant_only_loss", "completion_only_loss"} & set(values):

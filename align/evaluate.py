@@ -157,6 +157,28 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     return config
 
 
+def check_eval_models(config: EvalConfig, where: str, produced=None) -> None:
+    """Each local model (and adapter) is what it says (align/model_check.py), before any problem loads. An
+    adapter that does not exist yet (a stage not run) skips its model, as the eval does; `produced(path)`:
+    made by an earlier pipeline stage, checked when it exists."""
+    from align.model_check import check_adapter, check_model_and_adapter
+
+    for name, m in config.models.items():
+        if m.get("backend", "local") != "local":
+            continue
+        adapter = m.get("adapter")
+        if adapter and produced is not None and produced(adapter):
+            adapter = None  # made by an earlier stage: the model is checked now, the adapter when it exists
+        elif adapter and not Path(adapter).expanduser().exists():
+            continue  # the eval skips this model
+        if produced is not None and produced(m["model"]):
+            if adapter:
+                check_adapter(adapter, None, f"models.{name}.adapter", where)
+            continue
+        check_model_and_adapter(m["model"], adapter, where, model_key=f"models.{name}.model",
+                                adapter_key=f"models.{name}.adapter")
+
+
 def set_labels(names: list[str]) -> dict[str, str]:
     """A short name for each configured problem set, for the tables, the trackers and the model card: a
     standard set as NAME[:SPLIT] (read from a mirror too), a local file or folder by as many of its last
@@ -335,6 +357,7 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
     from align.tracking import Trackers
 
     config = parse_eval_config(spec, where)
+    check_eval_models(config, where)
     problems, sets = [], []
     for name in config.problems:
         try:

@@ -6,16 +6,18 @@ from pathlib import Path
 
 from align.data import local_form
 from align.errors import AlignError
-from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE, TINY_CHAR_MODEL_NAME, TINY_MODEL_NAME, tiny_mixtral_path
+from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """`tiny-mixtral` / `tiny-mixtral-char` (optionally `:SEED`) become their folders; anything else passes."""
-    name, _, seed = name_or_path.partition(":")
-    if name in (TINY_MODEL_NAME, TINY_CHAR_MODEL_NAME):
-        return str(tiny_mixtral_path(int(seed) if seed else 0, name=name))
+    from align.model_check import tiny_path
+
+    tiny = tiny_path(name_or_path)
+    if tiny is not None:
+        return tiny
     path = Path(name_or_path).expanduser()
     if local_form(name_or_path) and not path.exists():
         raise AlignError(f"model_name_or_path: {name_or_path} not found")
@@ -31,10 +33,6 @@ def check_model_args(model_args) -> None:
     impl = model_args.experts_implementation
     if impl is not None and impl not in ("eager", "batched_mm", "grouped_mm"):
         raise AlignError(f"recipe: key 'experts_implementation' must be eager, batched_mm or grouped_mm, got {impl!r}")
-    if model_args.adapter_name_or_path:
-        adapter = Path(model_args.adapter_name_or_path).expanduser()
-        if not (adapter / "adapter_config.json").is_file():
-            raise AlignError(f"adapter_name_or_path: {adapter} has no adapter_config.json (is it a stage output folder?)")
     if model_args.moe_lora_backend not in ("fused", "peft"):
         raise AlignError(f"recipe: key 'moe_lora_backend' must be fused or peft, got {model_args.moe_lora_backend!r}")
     if model_args.lora_r <= 0:

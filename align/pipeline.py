@@ -262,14 +262,13 @@ class Runner:
             elif kind in TRAINING_STAGES:
                 self._check_training(kind, resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
             elif kind == "eval":
-                from align.evaluate import parse_eval_config
+                from align.evaluate import check_eval_models, parse_eval_config
 
                 config = parse_eval_config({k: v for k, v in resolved.items() if k not in COMMON_KEYS}, where)
                 self._check_problems(config.problems, where)
+                check_eval_models(config, where, self.produced)
                 for model_name, m in config.models.items():
-                    if m.get("backend", "local") == "local":
-                        self._exists_or_produced(m["model"], where, f"models.{model_name}.model")
-                    elif m.get("api_key_env") and not os.environ.get(m["api_key_env"]):
+                    if m.get("backend", "local") != "local" and m.get("api_key_env") and not os.environ.get(m["api_key_env"]):
                         raise AlignError(f"{where}: models.{model_name}: environment variable {m['api_key_env']} "
                                          "(api_key_env) is not set")
             enabled = stage.get("enabled", True) or stage["name"] in enable
@@ -296,7 +295,7 @@ class Runner:
                 raise AlignError(f"{where}: problems {location} not found")
 
     def _check_trees(self, recipe: dict, where: str) -> None:
-        from align.trees.builder import parse_trees_config
+        from align.trees.builder import check_trees_models, parse_trees_config
 
         if "problems" not in recipe:
             raise AlignError(f"{where}: key 'problems' is required (a trees recipe names its problems)")
@@ -307,14 +306,11 @@ class Runner:
                 del part["adapter"]  # made by an earlier stage: checked when it exists
         config, actor, critic, _ = parse_trees_config(recipe, where)
         self._check_problems(config.problems, where)
+        check_trees_models(actor, critic, where, self.produced)
         for role, spec in (("actor", actor), ("critic", critic)):
             if role == "critic" and critic.type != "llm":
                 continue
-            if spec.backend == "local":
-                self._exists_or_produced(spec.model, where, f"{role}.model")
-                if spec.adapter:
-                    self._exists_or_produced(spec.adapter, where, f"{role}.adapter")
-            elif spec.api_key_env and not os.environ.get(spec.api_key_env):
+            if spec.backend != "local" and spec.api_key_env and not os.environ.get(spec.api_key_env):
                 raise AlignError(f"{where}: {role}: environment variable {spec.api_key_env} (api_key_env) is not set")
 
     def _check_training(self, kind: str, recipe: dict, where: str) -> None:
@@ -329,8 +325,7 @@ class Runner:
         adapter = model_args.adapter_name_or_path
         if adapter and self.produced(adapter):
             model_args.adapter_name_or_path = None  # made by an earlier stage: checked when it exists
-        check_stage_settings(spec, model_args, data_args, args, where)
-        self._exists_or_produced(model_args.model_name_or_path, where, "model_name_or_path")
+        check_stage_settings(spec, model_args, data_args, args, where, self.produced)
         if not data_args.datasets:
             raise AlignError(f"{where}: key 'datasets' is empty; name at least one dataset")
         from align.data import _spec

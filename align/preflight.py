@@ -36,9 +36,10 @@ def check_eval_settings(args, source: str) -> None:
                          "which this stage does not run")
 
 
-def check_stage_settings(spec, model_args, data_args, args, source: str) -> None:
+def check_stage_settings(spec, model_args, data_args, args, source: str, produced=None) -> None:
     """The recipe checks a stage makes before loading anything, which the pipeline's --check makes too: the
-    stage's own, the model's and adapter's, the extras' and the eval settings'."""
+    stage's own, the model's and adapter's, the extras' and the eval settings'. `produced(path)`: a path an
+    earlier pipeline stage makes, not there to check yet."""
     from align.extras import check_training_extras
     from align.models import check_model_args
 
@@ -48,6 +49,28 @@ def check_stage_settings(spec, model_args, data_args, args, source: str) -> None
     check_model_args(model_args)
     check_training_extras(args, source)
     check_eval_settings(args, source)
+    check_stage_model(model_args, args, source, produced)
+
+
+def check_stage_model(model_args, args, source: str, produced=None) -> None:
+    """The model and starting adapter are what they say (align/model_check.py), and a dense model is not asked
+    for expert or router LoRA: before the data is prepared."""
+    from align.model_check import check_adapter, check_experts, check_model, has_tokenizer
+
+    name, adapter = model_args.model_name_or_path, model_args.adapter_name_or_path
+    if produced is not None and produced(name):  # made by an earlier stage: checked when that stage has run
+        if adapter:
+            check_adapter(adapter, None, "adapter_name_or_path", source)
+        return
+    adapter_tokenizer = bool(adapter) and has_tokenizer(adapter)
+    model = check_model(name, "model_name_or_path", source, tokenizer=not adapter_tokenizer,
+                        revision=getattr(model_args, "model_revision", None),
+                        trust_remote_code=getattr(args, "trust_remote_code", False),
+                        gguf_file=getattr(model_args, "gguf_file", None))
+    if adapter:
+        check_adapter(adapter, model, "adapter_name_or_path", source)
+    elif model_args.use_lora:
+        check_experts(model, model_args.lora_experts, model_args.lora_router, source)
 
 
 def check_lora_targets(model_args, model_path: str, source: str = "recipe") -> None:

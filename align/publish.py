@@ -163,6 +163,14 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
     # masked again: a folder a stage wrote before align masked its config would publish its credentials
     config, unmasked = mask(yaml.safe_load((src / "align_config.yaml").read_text()))
     adapter_config = json.loads((src / "adapter_config.json").read_text()) if (src / "adapter_config.json").exists() else None
+    if merge and adapter_config:  # the base and the adapter are what they say, before the output is touched
+        from align.model_check import check_adapter, check_model
+
+        base = adapter_config.get("base_model_name_or_path")
+        if not base:
+            raise AlignError(f"{src / 'adapter_config.json'}: no base_model_name_or_path to merge the adapter into")
+        check_adapter(str(src), check_model(base, "base_model_name_or_path", str(src / "adapter_config.json"),
+                                            tokenizer=False), "--merge", str(src))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

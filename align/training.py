@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,11 @@ from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_targets_report, format_trainable_report, resolve_lora_targets
 
 logger = logging.getLogger("align")
+
+# transformers 5.25 renamed gradient checkpointing to activation checkpointing; recipes' old keys are mapped to
+# the new ones (align/config.py), but PEFT and TRL still read the model's old `is_gradient_checkpointing`, whose
+# FutureWarning would then show on every run about a name no recipe chose.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 RESOLVED_CONFIG_NAME = "align_config.yaml"
 
@@ -121,15 +127,18 @@ def trainer_args(args):
 def _stage_tokenizer(model_args, args, model_path: str):
     """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
     model_revision); TRL's chat_template_path replaces the template."""
-    revision = None if model_args.adapter_name_or_path or model_args.model_revision == "main" else model_args.model_revision
-    folder = model_args.adapter_name_or_path or model_path
+    from align.model_check import has_tokenizer
+
+    adapter = model_args.adapter_name_or_path
+    source = adapter if adapter and has_tokenizer(adapter) else model_path
+    revision = None if source == adapter or model_args.model_revision == "main" else model_args.model_revision
     try:
-        return load_tokenizer(folder, getattr(args, "chat_template_path", None), revision,
+        return load_tokenizer(source, getattr(args, "chat_template_path", None), revision,
                               getattr(args, "trust_remote_code", False))
     except OSError as err:  # not found, offline, no tokenizer files: the stage cannot render its rows
         reason = " ".join(str(err).split())[:300]
-        key = "adapter_name_or_path" if model_args.adapter_name_or_path else "model_name_or_path"
-        raise AlignError(f"{key}: {folder}: its tokenizer could not be loaded ({reason})") from None
+        key = "adapter_name_or_path" if source == adapter else "model_name_or_path"
+        raise AlignError(f"{key}: {source}: its tokenizer could not be loaded ({reason})") from None
 
 
 def run_stage(stage: str, argv: list[str]):

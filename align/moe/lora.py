@@ -42,8 +42,8 @@ def check_adaptable(model: nn.Module, want_experts: bool, want_router: bool) -> 
     if not blocks:
         raise AlignError(
             f"model: {type(model).__name__} has no MoE block with fused 3-D experts (gate_up_proj/down_proj); "
-            "expert and router LoRA need a transformers 5.x Mixtral/Qwen-MoE/OLMoE layout "
-            "(set lora_experts: false and lora_router: false to adapt attention only)"
+            "expert and router LoRA need a transformers 5.x Mixtral/Qwen-MoE/OLMoE layout: a dense model "
+            "becomes one with `align upcycle` (or set lora_experts: false and lora_router: false to adapt attention only)"
         )
     if want_router:
         gate = blocks[0][1].gate

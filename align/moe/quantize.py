@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AlignError(f"output: {output} exists and is not an empty folder")
+    from align.model_check import check_model
     from align.models import load_tokenizer, resolve_model_path
 
+    check_model(args.model, "model", tokenizer=False)  # config and weights there, before anything loads
     path = resolve_model_path(args.model)
     if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise AlignError(f"model: {args.model} has no config.json (is it a model folder?)")
         if is_quantized_checkpoint(path):
             raise AlignError(f"model: {args.model} is already quantised (written by align quantize)")
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not any(True for _ in find_experts(skeleton)):
         raise AlignError(f"model: {args.model} ({type(skeleton).__name__}) has no fused expert stacks to quantise")
     del skeleton
+    check_model(args.model, "model", tokenizer=True)  # OUTPUT gets the tokenizer too
     from align.models import load_with_nf4_experts
 
     try:  # each expert quantised as its shard is read: the 16-bit model is never in memory

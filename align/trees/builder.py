@@ -87,11 +87,25 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
         if spec.backend == "local":
             if spec.dtype not in ("float32", "bfloat16", "float16"):
                 raise AlignError(f"{source}: {name}: key 'dtype' must be float32, bfloat16 or float16, got {spec.dtype!r}")
-            if spec.adapter and not (Path(spec.adapter).expanduser() / "adapter_config.json").is_file():
-                raise AlignError(f"{source}: {name}: adapter {spec.adapter} has no adapter_config.json")
         if spec.backend == "server" and not spec.base_urls and (name == "actor" or critic.type == "llm"):
             raise AlignError(f"{source}: {name}: key 'base_urls' is required for the server backend")
     return top, actor, critic, limits
+
+
+def check_trees_models(actor: ModelSpec, critic: CriticSpec, source: str, produced=None) -> None:
+    """The local actor's (and an LLM critic's) model and adapter are what they say (align/model_check.py),
+    before any problem is read or tree written; `produced(path)`: made by an earlier pipeline stage."""
+    from align.model_check import check_adapter, check_model_and_adapter
+
+    for name, spec in (("actor", actor), ("critic", critic)):
+        if spec.backend != "local" or (name == "critic" and critic.type != "llm"):
+            continue
+        adapter = spec.adapter if not (spec.adapter and produced is not None and produced(spec.adapter)) else None
+        if produced is not None and produced(spec.model):
+            if adapter:
+                check_adapter(adapter, None, f"{name}.adapter", source)
+            continue
+        check_model_and_adapter(spec.model, adapter, source, model_key=f"{name}.model", adapter_key=f"{name}.adapter")
 
 
 def _check_or_record_settings(out: Path, settings: dict, command: str) -> None:

@@ -33,13 +33,14 @@ def trees_main(argv: list[str]):
 
     if args.action == "build":
         from align.config import load_recipe_file, parse_cli_overrides
-        from align.trees.builder import build_trees, failed_problems_line, parse_trees_config
+        from align.trees.builder import build_trees, check_trees_models, failed_problems_line, parse_trees_config
 
         values = load_recipe_file(args.config)
         values.update(parse_cli_overrides(overrides))
         if "problems" not in values:  # no silent default build from a recipe that names nothing
             raise AlignError(f"{args.config}: key 'problems' is required (a trees recipe names its problems)")
         config, actor, critic, limits = parse_trees_config(values, args.config)
+        check_trees_models(actor, critic, args.config)
         summary = build_trees(config, actor, critic, limits, command=command)
         print(json.dumps(summary), flush=True)
         line = failed_problems_line(summary)

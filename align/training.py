@@ -75,7 +75,7 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         if not preflight:
             return model_args, data_args, args, dataset, resume
         with quiet_libraries():
-            model_path = resolve_model_path(model_args.model_name_or_path)
+            model_path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
             tokenizer = _stage_tokenizer(model_args, args, model_path)
             preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
     return model_args, data_args, args, dataset, resume

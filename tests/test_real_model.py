@@ -183,3 +183,27 @@ def test_a_gguf_path_is_a_model_and_a_tokenizer(smollm2):
     tokenizer = smollm2["tokenizer"]
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert tokenizer.pad_token is not None
+
+
+def test_a_pipeline_starts_from_a_dense_model(tmp_path, capsys):
+    """kind: upcycle makes the MoE in its stage folder, which ${NAME} then names; a rerun skips it, and
+    top_k above experts is refused by --check in one line."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    _dense_folder(tmp_path / "dense")
+    spec = {"output_dir": str(tmp_path / "out"),
+            "stages": [{"name": "moe", "kind": "upcycle", "model": str(tmp_path / "dense"), "experts": 3, "top_k": 2}]}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(spec))
+    assert main(["run", str(pipeline)]) == 0
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "moe")
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 3
+    assert main(["run", str(pipeline)]) == 0
+    assert "moe unchanged, skipped" in capsys.readouterr().out
+    spec["stages"][0]["top_k"] = 4
+    pipeline.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit):
+        main(["run", str(pipeline), "--check"])
+    err = capsys.readouterr().err
+    assert "stages[0] (moe): top_k must be from 1 to experts (3), got 4" in err and err.count("\n") == 1, err

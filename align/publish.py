@@ -54,10 +54,13 @@ def _lora_groups(adapter_config: dict) -> list[str]:
     if adapter_config.get("target_modules"):
         groups.append("attention (" + ", ".join(sorted(adapter_config["target_modules"])) + ")")
     params = adapter_config.get("target_parameters") or []
-    if any("experts" in p for p in params):
-        groups.append("experts (" + ", ".join(p for p in params if "experts" in p) + ")")
-    if any(p.startswith("gate") or ".gate." in p for p in params):
-        groups.append("router (gate.weight)")
+    # PEFT names a target by a suffix of its full name (`gate_up_proj`, `mlp.experts.down_proj`, `gate.weight`)
+    experts = [p for p in params if p.split(".")[-1] in ("gate_up_proj", "down_proj") or "experts" in p.split(".")]
+    router = [p for p in params if p not in experts and (p.endswith("gate.weight") or p.split(".")[-1] in ("gate", "router"))]
+    if experts:
+        groups.append("experts (" + ", ".join(experts) + ")")
+    if router:
+        groups.append("router (" + ", ".join(router) + ")")
     return groups
 
 

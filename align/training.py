@@ -79,7 +79,7 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
             raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
         dataset = load_training_data(data_args, stage)
         with quiet_libraries():
-            model_path = resolve_model_path(model_args.model_name_or_path)
+            model_path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
             tokenizer = _stage_tokenizer(model_args, args, model_path)
             dataset = render_stage_rows(stage, dataset, tokenizer, args, _template_source(model_args, args, model_path))
             if preflight:

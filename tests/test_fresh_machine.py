@@ -69,11 +69,19 @@ def _requirement_name(requirement: str) -> str:
     return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
+# module -> the extra that declares it: imported only inside the feature that needs it, which says which
+# extra to install when it is missing (a GGUF file as a model needs gguf)
+OPTIONAL_IMPORTS = {"gguf": "gguf"}
+
+
 def test_every_imported_package_is_a_declared_dependency():
     from importlib.metadata import packages_distributions
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {_requirement_name(r) for r in project["dependencies"]}
+    for module, extra in OPTIONAL_IMPORTS.items():  # imported only where that extra's feature is used
+        assert module in {_requirement_name(r) for r in project["optional-dependencies"][extra]}, (module, extra)
+        declared.add(module)
     for requirement in project["dependencies"]:
         assert re.search(r"<\s*[\d.]+", requirement), f"{requirement}: every range needs an upper bound"
     distributions = packages_distributions()

@@ -65,7 +65,7 @@ def test_trees_recipe_validates(path: Path):
 
     config, actor, critic, limits = parse_trees_config(load_recipe_file(path), str(path))
     assert 1 <= config.max_turns <= 5 and config.samples_per_turn >= 2
-    if "quickstart" not in path.as_posix():
+    if not any(cpu in path.as_posix() for cpu in ("quickstart", "smollm2-moe")):  # (CPU pipelines pick their depth)
         assert config.max_turns == 5  # UltraInteract's depth
     assert actor.backend in ("local", "server") and critic.type in ("observation", "steps", "llm")
 

@@ -167,7 +167,7 @@ def addition_problems(n: int = 200, seed: int = 0, digits: int = 2, split: str =
     return out
 
 
-BUILTIN_SETS = ("humaneval", "addition", "arithmetic")
+BUILTIN_SETS = ("humaneval", "addition", "arithmetic", "wordproblems", "ordering")
 
 
 def problems_location(spec: str) -> str | None:
@@ -185,10 +185,11 @@ def builtin_problems(spec: str) -> list[Problem] | None:
     if "@" in spec:
         return None  # a standard set from another source (align/tasks/hub_sets.py)
     name, *params = spec.split(":")
-    limits = {"humaneval": 0, "addition": 4, "arithmetic": 2}
+    limits = {"humaneval": 0, "addition": 4, "arithmetic": 2, "wordproblems": 4, "ordering": 4}
     if name in limits and len(params) > limits[name]:
         forms = {"humaneval": "humaneval", "addition": "addition[:N[:SEED[:DIGITS[:SPLIT]]]]",
-                 "arithmetic": "arithmetic[:N[:SEED]]"}
+                 "arithmetic": "arithmetic[:N[:SEED]]", "wordproblems": "wordproblems[:N[:SEED[:STEPS[:SPLIT]]]]",
+                 "ordering": "ordering[:N[:SEED[:PEOPLE[:SPLIT]]]]"}
         raise AlignError(f"problems: '{spec}' has too many parts (the form is {forms[name]})")
     if name == "humaneval":
         return humaneval_problems()
@@ -198,6 +199,24 @@ def builtin_problems(spec: str) -> list[Problem] | None:
         except ValueError:
             raise AlignError(f"problems: '{spec}' should be addition[:N[:SEED[:DIGITS[:SPLIT]]]]") from None
         return addition_problems(n, seed, digits, params[3] if len(params) > 3 else "all")
+    if name in ("wordproblems", "ordering"):
+        from align.tasks.wordproblems import ordering_problems, word_problems
+
+        try:
+            n = int(params[0]) if params else 200
+            seed = int(params[1]) if len(params) > 1 else 0
+            third = params[2] if len(params) > 2 else ("1" if name == "wordproblems" else "3")
+            split = params[3] if len(params) > 3 else "all"
+            rows = (word_problems(n, seed, third, split) if name == "wordproblems"
+                    else ordering_problems(n, seed, int(third), split))
+        except ValueError:
+            raise AlignError(f"problems: '{spec}' should be {name}[:N[:SEED[:{'STEPS' if name == 'wordproblems' else 'PEOPLE'}[:SPLIT]]]]") from None
+        out = []
+        for row in rows:
+            problem = problem_from_row(row, f"{name} {row['id']}")
+            problem.prefix, problem.extra = row["prefix"], {k: row[k] for k in ("steps",) if k in row}
+            out.append(problem)
+        return out
     if name == "arithmetic":
         try:
             n = int(params[0]) if params else 200

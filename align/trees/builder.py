@@ -87,6 +87,8 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
         if spec.backend == "local":
             if spec.dtype not in ("float32", "bfloat16", "float16"):
                 raise AlignError(f"{source}: {name}: key 'dtype' must be float32, bfloat16 or float16, got {spec.dtype!r}")
+            if spec.decode not in ("drop", "generate"):
+                raise AlignError(f"{source}: {name}: key 'decode' must be drop or generate, got {spec.decode!r}")
         if spec.backend == "server" and not spec.base_urls and (name == "actor" or critic.type == "llm"):
             raise AlignError(f"{source}: {name}: key 'base_urls' is required for the server backend")
     return top, actor, critic, limits

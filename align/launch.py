@@ -8,7 +8,6 @@ recipe, its data and the accelerate config here, in one process, then starts
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -63,7 +62,11 @@ def relaunch_under_accelerate(stage: str, argv: list[str]) -> int:
     value, rest = split_accelerate_config(argv)
     config_file = resolve_accelerate_config(value)
     check_accelerate_config(config_file)
-    prepare_stage(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
+    from align import lifecycle
+
+    # the recipe and its data, here: a bad key costs seconds, not a launch (and the output folder is locked)
+    prepare_stage(stage, rest, preflight=False)
     cmd = accelerate_command(stage, str(config_file), rest)
     print(f"[align] {stage}: launching accelerate launch {shlex.join(cmd[3:])}", flush=True)
-    return subprocess.call(cmd)
+    # a stop signal reaches the workers (accelerate would kill them 5 s after one), then what is left
+    return lifecycle.supervise(cmd, spare_launcher=True)

@@ -65,8 +65,10 @@ def relaunch_under_accelerate(stage: str, argv: list[str]) -> int:
     from align import lifecycle
 
     # the recipe and its data, here: a bad key costs seconds, not a launch (and the output folder is locked)
-    prepare_stage(stage, rest, preflight=False)
+    args = prepare_stage(stage, rest, preflight=False)[2]
     cmd = accelerate_command(stage, str(config_file), rest)
     print(f"[align] {stage}: launching accelerate launch {shlex.join(cmd[3:])}", flush=True)
-    # a stop signal reaches the workers (accelerate would kill them 5 s after one), then what is left
-    return lifecycle.supervise(cmd, spare_launcher=True)
+    try:  # a stop signal reaches the workers (accelerate would kill them 5 s after one), then what is left
+        return lifecycle.supervise(cmd, spare_launcher=True)
+    finally:
+        lifecycle.unlock_folder(args.output_dir)

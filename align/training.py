@@ -77,18 +77,22 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
             raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
                              f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
                              "CPU machine launch with recipes/accelerate/multi_cpu.yaml")
-        if os.environ.get("RANK", "0") == "0":  # one writer per output folder (the launcher's ancestor holds it)
-            from align import lifecycle
+        from align import lifecycle
 
+        if os.environ.get("RANK", "0") == "0":  # one writer per output folder (a launching ancestor may hold it)
             lifecycle.lock_folder(args.output_dir, f"align {stage}")
-        resume = _resume_value(args.resume_from_checkpoint, args.output_dir)
-        dataset = load_training_data(data_args, stage)
-        if not preflight:
-            return model_args, data_args, args, dataset, resume
-        with quiet_libraries():
-            model_path = resolve_model_path(model_args.model_name_or_path)
-            tokenizer = _stage_tokenizer(model_args, args, model_path)
-            preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
+        try:
+            resume = _resume_value(args.resume_from_checkpoint, args.output_dir)
+            dataset = load_training_data(data_args, stage)
+            if not preflight:
+                return model_args, data_args, args, dataset, resume
+            with quiet_libraries():
+                model_path = resolve_model_path(model_args.model_name_or_path)
+                tokenizer = _stage_tokenizer(model_args, args, model_path)
+                preflight_trainer(stage, model_args, args, dataset, tokenizer, model_path, source)
+        except BaseException:
+            lifecycle.unlock_folder(args.output_dir)
+            raise
     return model_args, data_args, args, dataset, resume
 
 

@@ -131,3 +131,120 @@ def test_sigterm_stops_the_whole_tree_and_a_second_writer_is_refused(tmp_path):
     before = _snapshot(tmp_path / "out")
     time.sleep(3)
     assert _snapshot(tmp_path / "out") == before  # nothing writes after the run ended
+
+
+def _history(folder: Path) -> list[tuple]:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [(h["step"], h["loss"], h["grad_norm"], h["learning_rate"]) for h in history if "loss" in h]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"{key} differs by {(wa[key] - wb[key]).abs().max().item()}"
+
+
+def test_kill_9_at_a_checkpoint_then_a_rerun_resumes_from_it_equal_to_an_uninterrupted_run(tmp_path):
+    from align.checkpoints import newest_checkpoint
+    from align.pipeline import main
+
+    # the uninterrupted run of the same stage, into another output folder
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert main([str(_pipeline(straight, max_steps=6, save_strategy="steps", save_steps=2))]) == 0
+
+    path = _pipeline(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    boot = tmp_path / "out" / "boot"
+    proc = _start(path, tmp_path)
+    try:
+        _wait_for(lambda: (boot / "checkpoint-2" / "trainer_state.json").is_file(), proc, 300, "checkpoint-2")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()  # kill -9: no handler runs, nothing is marked
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while _living(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        _kill_tree(proc)
+    assert _living(tree) == [], "the stage outlived align run killed with SIGKILL"
+    assert json.loads((boot / "stage.json").read_text())["status"] == "running"
+    assert json.loads((boot / ".align.lock").read_text())["pid"] == proc.pid  # left by a dead process
+    newest, _ = newest_checkpoint(boot)
+    step = int(newest.name.split("-")[1])
+    assert step < 6 and not (boot / "model.safetensors").exists(), "the stage ended before the kill"
+    # the next checkpoint, cut off at the kill before its trainer_state.json
+    half = boot / f"checkpoint-{step + 2}"
+    half.mkdir(exist_ok=True)
+    (half / "trainer_state.json").unlink(missing_ok=True)
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+
+    rerun = subprocess.run([sys.executable, "-m", "align", "run", str(path)], capture_output=True, text=True,
+                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"[align] run: boot: checkpoint-{step + 2} skipped: no trainer_state.json" in rerun.stdout
+    assert f"[align] run: boot: resuming from checkpoint-{step} of 6 steps" in rerun.stdout
+    record = json.loads((boot / "stage.json").read_text())
+    assert record["status"] == "done" and record["resumed_from"] == f"checkpoint-{step}"
+    # equal to the uninterrupted run: every weight, and the loss log step by step
+    assert _history(boot) == _history(straight / "out" / "boot")
+    assert [s for s, *_ in _history(boot)] == [1, 2, 3, 4, 5, 6]
+    _assert_same_weights(boot, straight / "out" / "boot")
+
+
+def _signal_at_step(monkeypatch, step: int, signum=signal.SIGUSR1):
+    """The stage gets `signum` (Slurm's SIGUSR1 before a time limit) as training step `step` ends."""
+    import align.training as training
+
+    original = training.progress_callback
+
+    def progress_then_signal(stage):
+        callback = original(stage)
+        on_step_end = callback.on_step_end
+
+        def end(args, state, control, **kwargs):
+            result = on_step_end(args, state, control, **kwargs)
+            if state.global_step == step:
+                os.kill(os.getpid(), signum)
+            return result
+
+        callback.on_step_end = end
+        return callback
+
+    monkeypatch.setattr(training, "progress_callback", progress_then_signal)
+
+
+def _adapter_history(folder: Path) -> list[tuple]:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [tuple(sorted((k, v) for k, v in h.items() if not k.startswith("train_") and k != "total_flos"))
+            for h in history if "loss" in h]
+
+
+@pytest.mark.parametrize("stage", ["sft", "nca"])
+def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, tmp_path, monkeypatch, sft_output):
+    """LoRA on attention, experts (the fused backend) and router; NCA from the SFT adapter with its frozen
+    reference copy: SIGUSR1 as step 1 ends saves checkpoint-1 (no save step) and stops with 128 + 10; the
+    rerun with resume_from_checkpoint: true ends equal to the uninterrupted run."""
+    import importlib
+
+    from align import lifecycle
+
+    main = importlib.import_module({"sft": "align.sft.train", "nca": "align.kto_nca.nca"}[stage]).main
+    extra = ("--max_steps", "3", "--save_steps", "2", "--logging_steps", "1")
+    if stage == "nca":
+        extra += ("--adapter_name_or_path", str(sft_output))
+    main(stage_args(f"{stage}.yaml", tmp_path / "straight", *extra))
+
+    with monkeypatch.context() as patch:
+        _signal_at_step(patch, 1)
+        with pytest.raises(lifecycle.Interrupted) as stopped:
+            main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra))
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert (tmp_path / "resumed" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra, "--resume_from_checkpoint", "true"))
+
+    assert _adapter_history(tmp_path / "resumed") == _adapter_history(tmp_path / "straight")
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -25,6 +25,7 @@ from align import lifecycle
 
 logger = logging.getLogger("align")
 
+ALIGN_STATE = "align_state.json"  # what TRL keeps outside the Trainer's state: its running token count
 STEP = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
            "adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp.bin")
@@ -81,25 +82,32 @@ def resume_line(stage: str, folder: Path) -> str:
     return f"{stage}: resuming from {Path(folder).name} of {total} steps" if total else f"{stage}: resuming from {Path(folder).name}"
 
 
-class CheckpointLayoutMixin:
-    """Trainer mixin: full-model checkpoints in the layout the model runs in, and loaded in either layout."""
+class CheckpointMixin:
+    """Trainer mixin: full-model checkpoints in the layout the model runs in, and loaded in either layout;
+    TRL's running token count (the `num_tokens` of the log) kept in the checkpoint and restored with it."""
 
     def _save_checkpoint(self, model, trial):
         from transformers import PreTrainedModel
 
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not isinstance(unwrapped, PreTrainedModel) or hasattr(unwrapped, "peft_config"):
-            return super()._save_checkpoint(model, trial)
-        unwrapped.save_pretrained = functools.partial(type(unwrapped).save_pretrained, unwrapped,
-                                                      save_original_format=False)
+        full = isinstance(unwrapped, PreTrainedModel) and not hasattr(unwrapped, "peft_config")
+        if full:
+            unwrapped.save_pretrained = functools.partial(type(unwrapped).save_pretrained, unwrapped,
+                                                          save_original_format=False)
         try:
-            return super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)
         finally:
-            del unwrapped.save_pretrained
+            if full:
+                del unwrapped.save_pretrained
+        if self.args.should_save and hasattr(self, "_total_train_tokens"):
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if folder.is_dir():  # (rotated away at once with save_total_limit 0)
+                lifecycle.write_json_atomic(folder / ALIGN_STATE, {"total_train_tokens": self._total_train_tokens})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         from transformers import PreTrainedModel
 
+        self._restore_token_count(Path(resume_from_checkpoint))
         target = model if model is not None else self.model
         folder = Path(resume_from_checkpoint)
         single = folder / "model.safetensors"
@@ -112,6 +120,15 @@ class CheckpointLayoutMixin:
             if keys - set(target.state_dict()):  # the Hub layout: through the conversion mapping
                 return load_through_conversion(target, single)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _restore_token_count(self, folder: Path) -> None:
+        if not hasattr(self, "_total_train_tokens"):
+            return
+        try:
+            self._total_train_tokens = json.loads((folder / ALIGN_STATE).read_text())["total_train_tokens"]
+        except (OSError, ValueError, KeyError):  # a checkpoint from before: the last logged count
+            history = json.loads((folder / "trainer_state.json").read_text()).get("log_history", [])
+            self._total_train_tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0)
 
 
 def load_through_conversion(model, weights_file: Path) -> None:

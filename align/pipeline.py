@@ -446,6 +446,7 @@ class Runner:
                 raise AlignError(f"{flag}: no stage named {value!r} (stages: {', '.join(names)})")
         selected = {only} if only else set(names[names.index(start_from):]) if start_from else set(names)
         self.out.mkdir(parents=True, exist_ok=True)
+        lifecycle.reset()  # (a stop signal before this point ended the command already)
         total_start = time.monotonic()
         for stage in self.spec["stages"]:
             if lifecycle.requested():  # came while the last stage ended: it is done, the rest waits
@@ -523,11 +524,12 @@ class Runner:
             self.summary.append({"stage": name, "status": "FAILED", "seconds": record["seconds"], "outputs": [str(err.log)]})
             self.print_summary(time.monotonic() - total_start)
             raise AlignError(f"stage {name} failed (exit {err.code}); see {err.log}; rerun to continue from it") from None
-        seconds = round(time.monotonic() - start, 1)
-        record.update(status="done", seconds=seconds, outputs=outputs, finished=time.time())
-        lifecycle.write_json_atomic(folder / "stage.json", record)
-        self.summary.append({"stage": name, "status": "done", "seconds": seconds, "outputs": outputs})
-        print(f"[align] run: {name} done in {seconds:.0f}s", flush=True)
+        with lifecycle.deferred():  # done is recorded whole; a stop signal now ends the run before the next stage
+            seconds = round(time.monotonic() - start, 1)
+            record.update(status="done", seconds=seconds, outputs=outputs, finished=time.time())
+            lifecycle.write_json_atomic(folder / "stage.json", record)
+            self.summary.append({"stage": name, "status": "done", "seconds": seconds, "outputs": outputs})
+            print(f"[align] run: {name} done in {seconds:.0f}s", flush=True)
 
     def print_summary(self, total: float) -> None:
         lines = ["", "| stage | status | seconds | outputs |", "|---|---|---|---|"]

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from align.errors import AlignError
@@ -186,6 +187,11 @@ def test_kill_9_at_a_checkpoint_then_a_rerun_resumes_from_it_equal_to_an_uninter
     assert f"[align] run: boot: resuming from checkpoint-{step} of 6 steps" in rerun.stdout
     record = json.loads((boot / "stage.json").read_text())
     assert record["status"] == "done" and record["resumed_from"] == f"checkpoint-{step}"
+    # the checkpoint holds the layout the model runs in, so the Trainer's resume loads every weight
+    with safe_open(str(boot / f"checkpoint-{step}" / "model.safetensors"), framework="pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in set(f.keys())
+    log = (boot / "log.txt").read_text()
+    assert "missing keys" not in log and "unexpected keys" not in log
     # equal to the uninterrupted run: every weight, and the loss log step by step
     assert _history(boot) == _history(straight / "out" / "boot")
     assert [s for s, *_ in _history(boot)] == [1, 2, 3, 4, 5, 6]
@@ -237,8 +243,11 @@ def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, 
 
     with monkeypatch.context() as patch:
         _signal_at_step(patch, 1)
-        with pytest.raises(lifecycle.Interrupted) as stopped:
-            main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra))
+        try:
+            with pytest.raises(lifecycle.Interrupted) as stopped:
+                main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra))
+        finally:
+            lifecycle.reset()
     assert stopped.value.code == 128 + signal.SIGUSR1
     assert (tmp_path / "resumed" / "checkpoint-1" / "trainer_state.json").is_file()
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
@@ -247,4 +256,121 @@ def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, 
     assert _adapter_history(tmp_path / "resumed") == _adapter_history(tmp_path / "straight")
     a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_whole_checkpoints_and_the_newest_one(tmp_path):
+    from align.checkpoints import checkpoint_problem, newest_checkpoint
+
+    def checkpoint(step, state=True, weights=("model.safetensors",), state_step=None):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in weights:
+            (folder / name).write_bytes(b"x")
+        if state is True:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": state_step or step, "max_steps": 80}))
+        elif state:
+            (folder / "trainer_state.json").write_text(state)
+        return folder
+
+    assert newest_checkpoint(tmp_path) == (None, [])
+    checkpoint(10)
+    checkpoint(20, weights=("adapter_model.safetensors",))
+    checkpoint(30, state='{"global_step": 3')  # cut off mid-write
+    checkpoint(40, state=False)  # killed before its trainer_state.json
+    checkpoint(50, weights=())
+    checkpoint(60, state_step=59)
+    index = checkpoint(70, weights=("model.safetensors.index.json", "model-00001-of-00002.safetensors"))
+    (index / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    newest, skipped = newest_checkpoint(tmp_path)
+    assert newest.name == "checkpoint-20"
+    assert skipped == ["checkpoint-70 skipped: weight shard model-00002-of-00002.safetensors is missing",
+                       "checkpoint-60 skipped: trainer_state.json is for step 59",
+                       "checkpoint-50 skipped: no model weights",
+                       "checkpoint-40 skipped: no trainer_state.json (cut off while being written)",
+                       "checkpoint-30 skipped: trainer_state.json is cut off"]
+    assert checkpoint_problem(tmp_path / "checkpoint-10") is None
+
+    from align.training import _resume_value
+
+    assert _resume_value("true", str(tmp_path)) == str(tmp_path / "checkpoint-20")
+    assert _resume_value(None, str(tmp_path)) is None
+    with pytest.raises(AlignError, match=r"checkpoint-40 is not a whole checkpoint \(no trainer_state.json"):
+        _resume_value(str(tmp_path / "checkpoint-40"), str(tmp_path))
+    with pytest.raises(AlignError, match="no whole checkpoint-\\* folder in .*empty"):
+        _resume_value(True, str(tmp_path / "empty"))
+
+
+def test_a_hub_layout_checkpoint_loads_through_the_conversion_mapping(tmp_path):
+    """A full-model checkpoint in Mixtral's Hub layout (block_sparse_moe.experts.N.w1, as save_pretrained
+    writes by default) loads into the model's fused experts and router in place, where a plain
+    load_state_dict (the Trainer's) would load none of them."""
+    from transformers import AutoModelForCausalLM
+
+    from align.checkpoints import load_through_conversion
+    from align.models import resolve_model_path
+
+    base = resolve_model_path("tiny-mixtral")
+    trained = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    trained.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert any(".block_sparse_moe.experts.0.w1." in k for k in f.keys())  # the Hub layout indeed
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    own = {name: param for name, param in model.named_parameters()}
+    result = model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in result.missing_keys  # what the Trainer's load does
+    load_through_conversion(model, tmp_path / "model.safetensors")
+    for name, param in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], param), name
+    assert all(param is own[name] for name, param in model.named_parameters())  # the optimizer's tensors
+    assert not model.model.embed_tokens.weight.requires_grad
+
+
+def test_sigterm_to_a_two_process_stage_saves_one_checkpoint_and_resumes_equal(tmp_path):
+    """`align sft --accelerate_config multi_cpu` (DDP over gloo): SIGTERM to the command's main process
+    reaches both workers, which save at the same step boundary; nothing is left running; the rerun with
+    resume_from_checkpoint: true ends equal to the uninterrupted two-process run."""
+    from align.progress import PROGRESS_ENV
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "align", "sft", *stage_args("sft.yaml", out, "--max_steps", "4", "--logging_steps",
+                "1", "--per_device_train_batch_size", "2", *extra), "--accelerate_config", "multi_cpu"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ALIGN_STOP_GRACE": "60"}
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "resumed"
+    progress = tmp_path / "progress.json"
+    with open(tmp_path / "run.out", "wb") as log:
+        proc = subprocess.Popen(command(out), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**env, PROGRESS_ENV: str(progress)})
+    try:
+        _wait_for(lambda: _steps_done(tmp_path) >= 1, proc, 300, "the first training step")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) >= 3  # accelerate (the elastic agent) and two workers
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        _kill_tree(proc)
+    output = (tmp_path / "run.out").read_text()
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert _living(tree) == []
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoints[0] in ("checkpoint-1", "checkpoint-2", "checkpoint-3"), checkpoints
+    assert output.count("saving checkpoint-") == 1  # said once (the main process), saved by both at one step
+
+    rerun = subprocess.run(command(out, "--resume_from_checkpoint", "true"), capture_output=True, text=True, cwd=REPO,
+                           env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"sft: resuming from {checkpoints[0]} of 4 steps" in rerun.stdout
+    assert _adapter_history(out) == _adapter_history(tmp_path / "straight")
+    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

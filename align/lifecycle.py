@@ -78,11 +78,13 @@ def _handler(signum, frame):
 
 
 def install(signals=STOP_SIGNALS) -> None:
-    """Stop signals raise Interrupted (or are recorded, inside `deferred()`). Main thread only."""
+    """Stop signals raise Interrupted (or are recorded, inside `deferred()`). Main thread only. A signal
+    ignored when the command started stays ignored (`nohup align run ...` goes on after its terminal closes)."""
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in signals:
-        signal.signal(signum, _handler)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _handler)
 
 
 def requested() -> int | None:

@@ -411,27 +411,37 @@ def test_a_signal_ignored_at_start_stays_ignored():
 
 
 def test_sigterm_to_a_trees_build_stops_its_sandboxes_and_the_rerun_finishes(tmp_path):
-    """A stage command other than training: `align trees build` on code problems (each answer runs in the
-    sandbox's processes) stops with 128 + 15 and leaves no process; the rerun keeps its trees."""
+    """A stage command other than training: `align trees build` on math, code and logic problems (a code
+    answer runs in the sandbox's own processes) stops with 128 + 15 and leaves no process; the rerun keeps
+    its trees and builds the rest."""
+    from test_pipeline import _Knower
+
+    server, url = _Knower.start()
     recipe = tmp_path / "trees.yaml"
-    recipe.write_text("problems: humaneval\nlimit: 6\nmax_turns: 1\nsamples_per_turn: 2\nparallel_trees: 1\n"
-                      "progress: false\nactor:\n  backend: local\n  model: tiny-mixtral\n  max_new_tokens: 8\n")
+    recipe.write_text(f"problems: {REPO / 'data' / 'problems' / 'mixed_sample.jsonl'}\nmax_turns: 2\n"
+                      "samples_per_turn: 2\nparallel_trees: 1\nprogress: false\n"
+                      f"actor: {{backend: server, model: knower, base_urls: ['{url}']}}\n")
     cmd = [sys.executable, "-m", "align", "trees", "build", "--config", str(recipe), "--output_dir", str(tmp_path / "t")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ALIGN_STOP_GRACE": "30"}
     trees = tmp_path / "t" / "trees.jsonl"
-    with open(tmp_path / "run.out", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     try:
-        _wait_for(lambda: trees.exists() and trees.read_text().count("\n") >= 1, proc, 300, "the first tree")
-        tree = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=90)
+        with open(tmp_path / "run.out", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            tree = _wait_for(lambda: psutil.Process(proc.pid).children(recursive=True), proc, 300, "the sandbox",
+                             poll=0.01)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=90)
+        finally:
+            _kill_tree(proc)
+        output = (tmp_path / "run.out").read_text()
+        assert code == 128 + signal.SIGTERM, output[-2000:]
+        assert "[align] trees: stopped by SIGTERM; exit 143" in output
+        assert _living(tree) == [], f"left running: {_living(tree)}"
+        kept = trees.read_text().count("\n") if trees.exists() else 0
+        rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
     finally:
-        _kill_tree(proc)
-    output = (tmp_path / "run.out").read_text()
-    assert code == 128 + signal.SIGTERM, output[-2000:]
-    assert "[align] trees: stopped by SIGTERM; exit 143" in output
-    assert tree and _living(tree) == [], f"left running: {_living(tree)}"
-    kept = trees.read_text().count("\n")
-    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300).returncode == 0
-    assert kept <= trees.read_text().count("\n") == 6
+        server.shutdown()
+    total = trees.read_text().count("\n")
+    assert kept < total and total == len((REPO / "data" / "problems" / "mixed_sample.jsonl").read_text().splitlines())

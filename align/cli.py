@@ -40,6 +40,17 @@ def main(argv: list[str] | None = None):
     if command not in COMMANDS:
         raise AlignError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)}; see align --help)")
     configure_logging(command)
+    from align import lifecycle
+
+    lifecycle.die_with_parent()  # started by `align run` or a launcher: it does not outlive it
+    lifecycle.install()  # SIGTERM / SIGINT / SIGHUP: stop what this command started, exit 128 + signal
+    if command == "run" or "--accelerate_config" in rest or any(a.startswith("--accelerate_config=") for a in rest):
+        lifecycle.become_supervisor()
     module_name, _, function = COMMANDS[command][0].partition(":")
-    result = getattr(importlib.import_module(module_name), function or "main")(rest)
+    try:
+        result = getattr(importlib.import_module(module_name), function or "main")(rest)
+    except lifecycle.Interrupted as stop:
+        lifecycle.stop_tree(None)  # whatever it started and did not stop on its way out
+        print(f"[align] {command}: {stop}; exit {stop.code}", file=sys.stderr, flush=True)
+        return stop.code
     return result if isinstance(result, int) else 0

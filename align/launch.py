@@ -11,7 +11,6 @@ under the error that process printed.
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -110,12 +109,17 @@ def relaunch_under_accelerate(stage: str, argv: list[str], prepare) -> int:
     config = check_accelerate_config(config_file)
     sharding = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(str(config.get("distributed_type", "NO")))
     check_sharding(sharding, str(config_file))  # refused here, before any process starts, not once per process
-    prepare(stage, rest, preflight=False)  # the recipe and its data, here: a bad key costs seconds, not a launch
-    cmd = accelerate_command(stage, str(config_file), rest)
+    from align import lifecycle
     from align.leaks import mask_argv
 
+    # the recipe and its data, here: a bad key costs seconds, not a launch (and the output folder is locked)
+    args = prepare(stage, rest, preflight=False)[2]
+    cmd = accelerate_command(stage, str(config_file), rest)
     print(f"[align] {stage}: launching accelerate launch {shlex.join(mask_argv(cmd[3:]))}", flush=True)
-    return subprocess.call([sys.executable, "-m", "align.launch", *cmd[3:]])
+    try:  # a stop signal reaches the workers (accelerate would kill them 5 s after one), then what is left
+        return lifecycle.supervise([sys.executable, "-m", "align.launch", *cmd[3:]], spare_launcher=True)
+    finally:
+        lifecycle.unlock_folder(args.output_dir)
 
 
 if __name__ == "__main__":  # python -m align.launch ACCELERATE-LAUNCH-ARGS (what relaunch_under_accelerate runs)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from align import lifecycle
 from align.config import load_recipe_file
 from align.data import local_form
 from align.environment import LIBRARY_LOG_ENV
@@ -214,6 +215,19 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _clear_folder(folder: Path) -> None:
+    """Remove a stage folder's contents, all but its lock (which this run holds)."""
+    from align.lifecycle import LOCK_NAME
+
+    for path in folder.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def _stage_record(folder: Path) -> dict | None:
     path = folder / "stage.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -366,10 +380,12 @@ class Runner:
             self._exists_or_produced(str(_spec(item, j)["path"]), where, f"datasets[{j}]")
 
     # ------------------------------------------------------------ execution
-    def _run(self, cmd: list[str], log: Path, name: str, secrets: dict | None = None) -> None:
+    def _run(self, cmd: list[str], log: Path, name: str, secrets: dict | None = None, launcher: bool = False) -> None:
         """Run one command of a stage, its whole output into `log`; meanwhile show the stage's progress
         (align/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S.
-        `secrets` ({file: what align.leaks.mask found}) go to the command in its environment, not a file."""
+        `secrets` ({file: what align.leaks.mask found}) go to the command in its environment, not a file.
+        A stop signal stops the command's whole tree of processes (align/lifecycle.py; `launcher`: the
+        command is `accelerate launch`, whose workers get the signal) and raises Interrupted."""
         from align.leaks import mask_argv, recipe_secrets_env
         from align.progress import PROGRESS_ENV, read_progress
 
@@ -381,7 +397,7 @@ class Runner:
             env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(progress_file),
                    LIBRARY_LOG_ENV: "-",  # the stage's stderr is its log: other libraries' records go there
                    **recipe_secrets_env(secrets or {})}
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            proc = lifecycle.start(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             start = time.monotonic()
             stop = threading.Event()
             live = sys.stdout.isatty()
@@ -403,7 +419,7 @@ class Runner:
             beat = threading.Thread(target=heartbeat, daemon=True)
             beat.start()
             try:
-                code = proc.wait()
+                code = lifecycle.wait(proc, spare_launcher=launcher)
             finally:
                 stop.set()
                 beat.join()
@@ -413,7 +429,7 @@ class Runner:
         if code != 0:
             raise StageFailed(name, log, code)
 
-    def execute(self, stage: dict, resolved: dict, folder: Path) -> list[str]:
+    def execute(self, stage: dict, resolved: dict, folder: Path, resume_from: Path | None = None) -> list[str]:
         from align.leaks import mask
 
         kind, log = stage["kind"], folder / "log.txt"
@@ -437,7 +453,10 @@ class Runner:
             from align.launch import accelerate_command
 
             config_file = stage.get("accelerate_config") or self.spec.get("accelerate_config")
-            self._run(accelerate_command(kind, config_file, ["--config", str(recipe_path)]), log, stage["name"], secrets)
+            stage_argv = ["--config", str(recipe_path)]
+            if resume_from is not None:
+                stage_argv += ["--resume_from_checkpoint", str(resume_from)]
+            self._run(accelerate_command(kind, config_file, stage_argv), log, stage["name"], secrets, launcher=True)
             return [str(folder)]
         if kind == "trees":
             self._run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe_path)], log, stage["name"],
@@ -478,8 +497,11 @@ class Runner:
                 raise AlignError(f"{flag}: no stage named {value!r} (stages: {', '.join(names)})")
         selected = {only} if only else set(names[names.index(start_from):]) if start_from else set(names)
         self.out.mkdir(parents=True, exist_ok=True)
+        lifecycle.reset()  # (a stop signal before this point ended the command already)
         total_start = time.monotonic()
         for stage in self.spec["stages"]:
+            if lifecycle.requested():  # came while the last stage ended: it is done, the rest waits
+                raise lifecycle.Interrupted(lifecycle.requested())
             name, folder = stage["name"], Path(self.folders[stage["name"]])
             enabled = stage.get("enabled", True) or name in enable
             resolved = self.resolve(stage)
@@ -500,34 +522,67 @@ class Runner:
                 print(f"[align] run: {name} unchanged, skipped", flush=True)
                 self.summary.append({"stage": name, "status": "skipped", "seconds": 0, "outputs": record["outputs"]})
                 continue
-            if record and record.get("hash") != digest and folder.exists():
-                # Its config or inputs changed: what is there is stale. (Same hash: an interrupted or failed
-                # attempt, whose partial work, such as finished trees, the stage resumes from.)
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            from align.leaks import mask
-
-            (folder / "resolved.yaml").write_text(yaml.safe_dump(mask(resolved)[0], sort_keys=False))
-            (folder / "log.txt").write_text("")
-            print(f"[align] run: {name} ({stage['kind']}) ...", flush=True)
-            start = time.monotonic()
-            record = {"stage": name, "kind": stage["kind"], "hash": digest, "status": "running", "started": time.time()}
-            (folder / "stage.json").write_text(json.dumps(record, indent=2))
+            # One writer per stage folder: another live run (or stage command) writing it: one line naming it.
+            lifecycle.lock_folder(folder, f"align run {self.path} (stage {name})")
             try:
-                outputs = self.execute(stage, resolved, folder)
-            except StageFailed as err:
-                record.update(status="failed", seconds=round(time.monotonic() - start, 1), error=str(err))
-                (folder / "stage.json").write_text(json.dumps(record, indent=2))
-                self.summary.append({"stage": name, "status": "FAILED", "seconds": record["seconds"], "outputs": [str(err.log)]})
-                self.print_summary(time.monotonic() - total_start)
-                raise AlignError(f"stage {name} failed (exit {err.code}); see {err.log}; rerun to continue from it") from None
-            seconds = round(time.monotonic() - start, 1)
-            record.update(status="done", seconds=seconds, outputs=outputs, finished=time.time())
-            (folder / "stage.json").write_text(json.dumps(record, indent=2))
-            self.summary.append({"stage": name, "status": "done", "seconds": seconds, "outputs": outputs})
-            print(f"[align] run: {name} done in {seconds:.0f}s", flush=True)
+                self._run_stage(stage, resolved, digest, folder, _stage_record(folder), total_start)
+            finally:
+                lifecycle.unlock_folder(folder)
         self.print_summary(time.monotonic() - total_start)
         return 0
+
+    def _run_stage(self, stage: dict, resolved: dict, digest: str, folder: Path, record: dict | None,
+                   total_start: float) -> None:
+        name = stage["name"]
+        resume_from = None
+        if record and (record.get("hash") != digest or self.force) and folder.exists():
+            # Its config or inputs changed (or --force): what is there is stale. (Same hash: an interrupted
+            # or failed attempt, whose partial work the stage resumes from: finished trees, checkpoints.)
+            _clear_folder(folder)
+        elif record and stage["kind"] in TRAINING_STAGES:
+            from align.checkpoints import newest_checkpoint, resume_line
+
+            resume_from, skipped = newest_checkpoint(folder)
+            for note in skipped:
+                print(f"[align] run: {name}: {note}", flush=True)
+            if resume_from is not None:
+                print(f"[align] run: {resume_line(name, resume_from)}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        from align.leaks import mask
+
+        (folder / "resolved.yaml").write_text(yaml.safe_dump(mask(resolved)[0], sort_keys=False))
+        (folder / "log.txt").write_text("")
+        print(f"[align] run: {name} ({stage['kind']}) ...", flush=True)
+        start = time.monotonic()
+        record = {"stage": name, "kind": stage["kind"], "hash": digest, "status": "running", "started": time.time(),
+                  "pid": os.getpid()}
+        if resume_from is not None:
+            record["resumed_from"] = resume_from.name
+        lifecycle.write_json_atomic(folder / "stage.json", record)
+        try:
+            outputs = self.execute(stage, resolved, folder, resume_from)
+        except lifecycle.Interrupted as stop:
+            record.update(status="interrupted", signal=lifecycle.signal_name(stop.signum),
+                          seconds=round(time.monotonic() - start, 1))
+            lifecycle.write_json_atomic(folder / "stage.json", record)
+            self.summary.append({"stage": name, "status": "INTERRUPTED", "seconds": record["seconds"],
+                                 "outputs": [str(folder / "log.txt")]})
+            self.print_summary(time.monotonic() - total_start)
+            print(f"[align] run: {name} interrupted ({lifecycle.signal_name(stop.signum)}); rerun to continue "
+                  "from it", flush=True)
+            raise
+        except StageFailed as err:
+            record.update(status="failed", seconds=round(time.monotonic() - start, 1), error=str(err))
+            lifecycle.write_json_atomic(folder / "stage.json", record)
+            self.summary.append({"stage": name, "status": "FAILED", "seconds": record["seconds"], "outputs": [str(err.log)]})
+            self.print_summary(time.monotonic() - total_start)
+            raise AlignError(f"stage {name} failed (exit {err.code}); see {err.log}; rerun to continue from it") from None
+        with lifecycle.deferred():  # done is recorded whole; a stop signal now ends the run before the next stage
+            seconds = round(time.monotonic() - start, 1)
+            record.update(status="done", seconds=seconds, outputs=outputs, finished=time.time())
+            lifecycle.write_json_atomic(folder / "stage.json", record)
+            self.summary.append({"stage": name, "status": "done", "seconds": seconds, "outputs": outputs})
+            print(f"[align] run: {name} done in {seconds:.0f}s", flush=True)
 
     def print_summary(self, total: float) -> None:
         lines = ["", "| stage | status | seconds | outputs |", "|---|---|---|---|"]

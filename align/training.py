@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -32,21 +33,29 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is de
 RESOLVED_CONFIG_NAME = "align_config.yaml"
 
 
-def _resume_value(value):
-    """`--resume_from_checkpoint` alone (or `true`) means the last checkpoint in output_dir."""
+def _resume_value(value, output_dir: str):
+    """`--resume_from_checkpoint` alone (or `true`) means the newest whole checkpoint in output_dir (one cut
+    off by a kill is skipped); a folder must be a whole checkpoint."""
+    from align.checkpoints import checkpoint_problem, newest_checkpoint
+
     if value is None or value is False:
         return None
-    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "last"):
-        return True
+    if value is True or isinstance(value, str) and value.lower() in ("true", "yes", "1", "last"):
+        newest, skipped = newest_checkpoint(output_dir)
+        if newest is None:
+            raise AlignError(f"resume_from_checkpoint: no whole checkpoint-* folder in {output_dir} to resume from"
+                             + (f" ({'; '.join(skipped)})" if skipped else ""))
+        for note in skipped:
+            logger.warning("resume_from_checkpoint: %s", note)
+        return str(newest)
     if isinstance(value, str) and value.lower() in ("false", "no", "0"):
         return None
-    if isinstance(value, str) and not Path(value).is_dir():
+    if not Path(value).is_dir():
         raise AlignError(f"resume_from_checkpoint: {value} is not a checkpoint folder")
+    problem = checkpoint_problem(Path(value))
+    if problem:
+        raise AlignError(f"resume_from_checkpoint: {value} is not a whole checkpoint ({problem})")
     return value
-
-
-def _has_checkpoint(output_dir: str) -> bool:
-    return any(p.name.startswith("checkpoint-") for p in Path(output_dir).glob("checkpoint-*"))
 
 
 def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
@@ -62,7 +71,7 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         source = getattr(args, "_align_recipe_source", "recipe")
         check_stage_settings(spec, model_args, data_args, args, source)
         with quiet_libraries():
-            check_lora_targets(model_args, resolve_model_path(model_args.model_name_or_path), source)
+            check_lora_targets(model_args, resolve_model_path(model_args.model_name_or_path, model_args.gguf_file), source)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]
@@ -74,16 +83,22 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
             raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
                              f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
                              "CPU machine launch with recipes/accelerate/multi_cpu.yaml")
-        resume = _resume_value(args.resume_from_checkpoint)
-        if resume is True and not _has_checkpoint(args.output_dir):
-            raise AlignError(f"resume_from_checkpoint: no checkpoint-* folder in {args.output_dir} to resume from")
-        dataset = load_training_data(data_args, stage)
-        with quiet_libraries():
-            model_path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
-            tokenizer = _stage_tokenizer(model_args, args, model_path)
-            dataset = render_stage_rows(stage, dataset, tokenizer, args, _template_source(model_args, args, model_path))
-            if preflight:
-                preflight_trainer(stage, model_args, trainer_args(args), dataset, tokenizer, model_path, source)
+        from align import lifecycle
+
+        if os.environ.get("RANK", "0") == "0":  # one writer per output folder (a launching ancestor may hold it)
+            lifecycle.lock_folder(args.output_dir, f"align {stage}")
+        try:
+            resume = _resume_value(args.resume_from_checkpoint, args.output_dir)
+            dataset = load_training_data(data_args, stage)
+            with quiet_libraries():
+                model_path = resolve_model_path(model_args.model_name_or_path, model_args.gguf_file)
+                tokenizer = _stage_tokenizer(model_args, args, model_path)
+                dataset = render_stage_rows(stage, dataset, tokenizer, args, _template_source(model_args, args, model_path))
+                if preflight:
+                    preflight_trainer(stage, model_args, trainer_args(args), dataset, tokenizer, model_path, source)
+        except BaseException:
+            lifecycle.unlock_folder(args.output_dir)
+            raise
     return model_args, data_args, args, dataset, resume
 
 
@@ -146,8 +161,6 @@ def run_stage(stage: str, argv: list[str]):
 
     `--help` / `-h` prints every recipe key instead; `--accelerate_config NAME|FILE` validates the recipe,
     then runs the stage under `accelerate launch` with that config."""
-    from align.stages import training_stage
-
     if "--help" in argv or "-h" in argv:
         from align.config import stage_help
 
@@ -157,7 +170,22 @@ def run_stage(stage: str, argv: list[str]):
         from align.launch import relaunch_under_accelerate
 
         return relaunch_under_accelerate(stage, argv, prepare_stage)
+    from align import lifecycle
+
+    lifecycle.reset()  # (a stop signal before this point ended the command already)
+    lifecycle.install((signal.SIGUSR1,))  # Slurm's signal before a time limit: a checkpoint, then out (as SIGTERM)
     model_args, data_args, args, dataset, resume = prepare_stage(stage, argv)
+    try:
+        return _train_stage(stage, model_args, data_args, args, dataset, resume)
+    finally:
+        lifecycle.unlock_folder(args.output_dir)
+
+
+def _train_stage(stage: str, model_args, data_args, args, dataset, resume):
+    from align import lifecycle
+    from align.checkpoints import preemption_callback, resume_line
+    from align.stages import training_stage
+
     logger.info("%s: %d training rows", stage, len(dataset))
 
     model, model_path = load_model(model_args, gradient_checkpointing=args.gradient_checkpointing,
@@ -186,6 +214,8 @@ def run_stage(stage: str, argv: list[str]):
     trainer = trainer_cls(model=model, args=trainer_args(args), train_dataset=dataset, processing_class=tokenizer,
                           peft_config=peft_config)
     trainer.add_callback(progress_callback(stage))
+    preemption = preemption_callback(stage)
+    trainer.add_callback(preemption)
     max_length = getattr(args, "max_length", None)
     packing = getattr(args, "packing_strategy", None) if getattr(args, "packing", False) else None
     left, cut = truncation_report(len(dataset), trainer.train_dataset, max_length, packing)  # every rank: all stop
@@ -209,8 +239,14 @@ def run_stage(stage: str, argv: list[str]):
         print(f"[align] {stage}: distributed={getattr(state.distributed_type, 'value', state.distributed_type)} "
               f"processes={state.num_processes} device={state.device}", flush=True)
 
-    trainer.train(resume_from_checkpoint=resume)
-    save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)
+    if resume and trainer.is_world_process_zero():
+        print(f"[align] {resume_line(stage, Path(resume))}", flush=True)
+    with lifecycle.deferred():  # a stop signal: a checkpoint at the next step boundary, then out
+        trainer.train(resume_from_checkpoint=resume)
+    if preemption.signum:
+        raise lifecycle.Interrupted(preemption.signum)
+    with lifecycle.deferred():  # the final save is finished once begun (the stage is then done)
+        save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage)
     return trainer
 
 

@@ -2,8 +2,9 @@
 
 from trl import DPOTrainer
 
+from align.checkpoints import CheckpointMixin
 from align.moe.router_stats import RouterStatsMixin
 
 
-class MoEDPOTrainer(RouterStatsMixin, DPOTrainer):
+class MoEDPOTrainer(CheckpointMixin, RouterStatsMixin, DPOTrainer):
     """DPOTrainer that also logs per-layer expert load and router entropy."""

@@ -2,8 +2,9 @@
 
 from trl import KTOTrainer
 
+from align.checkpoints import CheckpointMixin
 from align.moe.router_stats import RouterStatsMixin
 
 
-class MoEKTOTrainer(RouterStatsMixin, KTOTrainer):
+class MoEKTOTrainer(CheckpointMixin, RouterStatsMixin, KTOTrainer):
     """KTOTrainer that also logs per-layer expert load and router entropy."""

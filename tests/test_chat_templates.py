@@ -310,13 +310,12 @@ def test_align_sft_on_a_dense_smollm2_shaped_model_writes_an_adapter(tmp_path):
 
 def test_align_sft_names_a_template_it_cannot_cut_before_any_model_loads(tmp_path, capsys):
     """`align sft` on a model whose template moves the system message (here via chat_template_path): one line,
-    exit 2, before the weights are read (the folder has none)."""
+    exit 2, while the recipe and its rows are prepared (before load_model)."""
     import yaml
 
     from align.cli import main
 
     folder = write_smollm2_shaped(tmp_path / "smol")
-    (folder / "model.safetensors").unlink()
     template = tmp_path / "mistral_v3.jinja"
     template.write_text(FIXTURES["mistral_v3"]["template"])
     data = tmp_path / "sft.jsonl"

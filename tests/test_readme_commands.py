@@ -24,6 +24,9 @@ def readme_commands() -> set[str]:
     code = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
     found = set()
     for snippet in code:
+        # what a page shows align print (`align: error: ...`, `[align] ...`) and Python imports are not commands
+        snippet = "\n".join(line for line in snippet.splitlines()
+                             if not line.lstrip().startswith(("align:", "[align]", "from align", "import align")))
         for command, sub in re.findall(r"(?<![\w/.-])align ([a-z]+)(?: ([a-z]+))?", snippet):
             found.add(f"{command} {sub}" if command in SUBCOMMANDS and sub else command)
         if "accelerate launch" in snippet:
@@ -100,6 +103,15 @@ def smoke_sandbox_run(tmp_path, capsys, trees_dir, sft_output):
 def smoke_quantize(tmp_path, capsys, trees_dir, sft_output):
     _cli(["quantize", "tiny-mixtral", tmp_path / "q", "--dtype", "float32"])
     assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "q" / "tokenizer.json").is_file()
+
+
+def smoke_upcycle(tmp_path, capsys, trees_dir, sft_output):
+    from test_real_model import _dense_folder
+
+    _dense_folder(tmp_path / "dense")
+    _cli(["upcycle", tmp_path / "dense", tmp_path / "moe", "--experts", "2", "--top-k", "1"])
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 2
 
 
 def _stage(stage, tmp_path, sft_output):

@@ -198,7 +198,7 @@ def test_the_pipeline_hands_a_stage_its_secrets_in_memory(tmp_path, monkeypatch)
     from align.leaks import held, recipe_secrets_env
 
     started = []
-    monkeypatch.setattr(align.pipeline.Runner, "_run", lambda self, cmd, log, name, secrets=None: started.append(secrets))
+    monkeypatch.setattr(align.pipeline.Runner, "_run", lambda self, cmd, log, name, secrets=None, **_: started.append(secrets))
     runner = align.pipeline.Runner(align.pipeline.load_pipeline(str(_secret_pipeline(tmp_path))), "pipeline.yaml")
     stage = runner.spec["stages"][0]
     folder = tmp_path / "out" / "sft"

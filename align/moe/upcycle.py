@@ -164,13 +164,17 @@ def load_dense(name_or_path: str, dtype: str = "auto"):
 
     from align.models import _from_pretrained, gguf_location, load_tokenizer, resolve_model_path
 
+    from align.model_check import check_model
+
     path = resolve_model_path(name_or_path)
     folder, gguf = gguf_location(path)
     try:
         config = AutoConfig.from_pretrained(folder, **gguf)
     except (OSError, ValueError, KeyError) as err:
+        check_model(name_or_path, "dense model", "align upcycle")  # says what is wrong, where it can
         raise AlignError(f"{name_or_path}: could not be read as a model ({' '.join(str(err).split())[:200]})") from None
-    check_dense_config(config, name_or_path)
+    check_dense_config(config, name_or_path)  # the architecture first: it needs only the config
+    check_model(name_or_path, "dense model", "align upcycle")  # then its weights and tokenizer, before a load
     kwargs = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
     if gguf:
         kwargs["dtype"] = torch.float32 if dtype == "auto" else kwargs["dtype"]
@@ -215,9 +219,6 @@ def upcycle(source: str, output: str, opts: UpcycleOptions, replace: bool = Fals
     check_options(opts)
     out = Path(output).expanduser()
     _check_output(out, replace)
-    from align.model_check import check_model
-
-    check_model(source, "dense model", "align upcycle")  # one line before any weight loads
     dense, tokenizer = load_dense(source, opts.dtype)
     moe = upcycle_model(dense, opts)
     del dense

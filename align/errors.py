@@ -44,7 +44,12 @@ def exit_on_user_error(fn):
             if rank:
                 import time
 
-                time.sleep(OTHER_RANK_WAIT_S)
+                try:
+                    time.sleep(OTHER_RANK_WAIT_S)
+                except BaseException as stop:  # the launcher stopped this process (align's signal handler raises
+                    # its Interrupted): the main process has said it, so this one leaves without a word
+                    code = getattr(stop, "code", None)
+                    raise SystemExit(code if isinstance(code, int) else err.exit_code) from None
                 message = f"[process {rank}] {message}"
             print(f"align: error: {message}", file=sys.stderr, flush=True)
             if rank == 0:

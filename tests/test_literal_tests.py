@@ -117,10 +117,10 @@ def test_what_would_cost_this_process_too_much_is_left_to_the_tests_own_process(
     (_check("assert candidate(1) == 'a' * 2_000_000"), "def f(x):\n    return 'a' * 2_000_000\n"),
     (_check("assert candidate(1) == 2 ** 9000"), "def f(x):\n    return 2 ** 9000\n"),
     (_check("assert candidate(1j) / 2 == 0.5j"), "def f(x):\n    return x\n"),
-    pytest.param(_check(*[f"assert len(candidate([{i}] * 100_000)) == 100_000" for i in range(60)]),
-                 "def f(xs):\n    return xs\n",  # 60 replies echoing 100,000-element arguments
-                 marks=pytest.mark.xfail(strict=False, reason="regression of stop 30, under investigation: times out "
-                                         "at 30 s since the merges (it passed at stop 19)")),
+    # 6 replies echoing 100,000-element arguments: 600,000 values, past the judge's bounds on a plan's and on the
+    # replies' values (200,000 each), so the tests' own process decides. (60 such calls took 42-48 s on 2 busy
+    # cores, at 4d4b458 as after it: the time is the two processes' own work, not a regression of the judge.)
+    (_check(*[f"assert len(candidate([{i}] * 100_000)) == 100_000" for i in range(6)]), "def f(xs):\n    return xs\n"),
 ])
 def test_honest_solutions_pass_past_the_judges_bounds(tests, code):
     assert sandbox.run_tests_isolated(code, tests, "f", limits=SandboxLimits(timeout_s=30, memory_mb=512)).passed

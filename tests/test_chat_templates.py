@@ -331,3 +331,42 @@ def test_align_sft_names_a_template_it_cannot_cut_before_any_model_loads(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"align: error: {template}: ")
     assert "message 2 (user) of row 0" in err[0] and "set chat_template_path" in err[0]
+
+
+def test_the_moe_upcycle_of_a_smollm2_shaped_model_trains_the_same_way(tmp_path):
+    """`align upcycle` of the dense SmolLM2-shaped model keeps its ChatML template; `align sft` on the MoE masks
+    with align's own cut (ChatML is not a template TRL patches) and trains LoRA on attention, the fused experts
+    and the router, as on any Mixtral."""
+    import yaml
+    from safetensors import safe_open
+
+    from align.cli import main
+
+    write_smollm2_shaped(tmp_path / "smol")
+    assert main(["upcycle", str(tmp_path / "smol"), str(tmp_path / "moe"), "--experts", "2", "--top-k", "1"]) == 0
+    from align.models import load_tokenizer
+
+    moe_tokenizer = load_tokenizer(str(tmp_path / "moe"))
+    assert moe_tokenizer.chat_template == FIXTURES["chatml_smollm2"]["template"]  # unedited, as the dense model had it
+    assert chat.needs_own_masks(moe_tokenizer)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in (ROW, ROW[1:3])))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tmp_path / "moe"), "dtype": "float32", "bf16": False, "lora_r": 4, "lora_alpha": 8,
+        "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "out"), "assistant_only_loss": True,
+        "max_length": 256, "per_device_train_batch_size": 2, "max_steps": 1, "logging_steps": 1,
+        "save_steps": 1000, "report_to": "none", "seed": 0, "dataloader_num_workers": 0}))
+    assert main(["sft", "--config", str(recipe)]) == 0  # lora_attention, lora_experts and lora_router: the defaults
+    out = tmp_path / "out"
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(adapter["target_parameters"]) == {"gate_up_proj", "down_proj", "gate.weight"}
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as weights:
+        trained = {name: weights.get_tensor(name) for name in weights.keys()}
+    # PEFT's names: experts.base_layer is gate_up_proj's LoRA, experts down_proj's (wrapped around it), gate the router's
+    for layer in (0, 1):
+        for part in ("self_attn.q_proj", "mlp.experts.base_layer", "mlp.experts", "mlp.gate"):
+            b = trained[f"base_model.model.model.layers.{layer}.{part}.lora_B.weight"]
+            assert b.abs().sum() > 0, (layer, part)  # B starts at zero: the step trained it
+    assert yaml.safe_load((out / "align_config.yaml").read_text())["training"]["assistant_only_loss"] is True

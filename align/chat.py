@@ -14,8 +14,10 @@ differently once later ones follow (Mistral v3 moves the system message into the
 be cut that way: that is one line naming the message that changes and `chat_template_path`.
 
 Templates with `{% generation %}` markers, and those TRL recognises and patches, are left to TRL's own
-masks (`needs_own_masks` is False for them); for the patched ones align's cut gives the same mask (the
-tests hold this), except that TRL's Qwen2.5 patch also trains the newline that ends each assistant header.
+masks (`needs_own_masks` is False for them) where align's cut gives the same mask (the tests hold this for
+Llama 3, Gemma and Phi-3). TRL's Qwen2.5 patch also trains the newline that ends each `<|im_start|>assistant`
+header: that newline is the last character of the generation prompt, given to the model at inference, not
+written by it, so align masks Qwen2.5 itself (content plus `<|im_end|>` and its newline).
 """
 
 from __future__ import annotations
@@ -86,20 +88,49 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
 
 
 def needs_own_masks(tokenizer) -> bool:
-    """True when TRL cannot mask assistant turns for this template itself: no `{% generation %}` markers and
-    not one of the templates TRL patches. Then align cuts the turns out (`assistant_mask`)."""
+    """True when align cuts the assistant turns out itself (`assistant_mask`): the template has no
+    `{% generation %}` markers and is not one TRL patches, or TRL patches it but its patched mask differs from
+    align's cut on a probe conversation (Qwen2.5's patch also trains the newline of each assistant header, which
+    the generation prompt gives the model: prompt text, not the assistant's). A patched template align cannot
+    cut (Qwen3's, which drops earlier turns' reasoning) keeps TRL's mask. Probed once per template."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     template = chat_template_text(tokenizer)
     if template is None or has_generation_markers(template):
         return False
+    cached = getattr(tokenizer, "_align_needs_own_masks", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
     try:
-        get_training_chat_template(tokenizer)
-    except ValueError:
+        patched = get_training_chat_template(tokenizer)
+    except Exception:  # ValueError: not one TRL patches; another: one TRL's probes cannot render (tool messages)
+        own = True
+    else:
+        own = patched is not None and _patch_differs(tokenizer, patched)
+    tokenizer._align_needs_own_masks = (template, own)
+    return own
+
+
+PROBE = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is two plus two?"},
+         {"role": "assistant", "content": "Two plus two is four."}, {"role": "user", "content": "And two times three?"},
+         {"role": "assistant", "content": "Two times three is six."}]
+
+
+def _patch_differs(tokenizer, patched: str) -> bool:
+    """Whether TRL's patched template masks (or renders) the probe conversation otherwise than align's cut of
+    the model's own template, where align can cut it."""
+    if not getattr(tokenizer, "is_fast", False):
+        return False  # no offsets to cut by: TRL's mask
+    messages = conversation(tokenizer, PROBE)
+    try:
+        ids, mask, _ = assistant_mask(tokenizer, messages)
+        trl = tokenizer.apply_chat_template(messages, chat_template=patched, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Unsplittable:
+        return False
+    except Exception:  # the patch does not render the probe: align's cut of the model's own template did
         return True
-    except Exception:  # a template TRL's probes cannot render (tool messages): not one it patches
-        return True
-    return False
+    return list(trl["input_ids"]) != ids or list(trl["assistant_masks"]) != mask
 
 
 def _common_prefix(a: str, b: str) -> int:

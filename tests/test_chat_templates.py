@@ -386,3 +386,68 @@ def test_the_moe_upcycle_of_a_smollm2_shaped_model_trains_the_same_way(tmp_path)
             b = trained[f"base_model.model.model.layers.{layer}.{part}.lora_B.weight"]
             assert b.abs().sum() > 0, (layer, part)  # B starts at zero: the step trained it
     assert yaml.safe_load((out / "align_config.yaml").read_text())["training"]["assistant_only_loss"] is True
+
+
+class _Recording:
+    """A tokenizer that keeps the texts it is called on (the generation prompts a backend tokenizes)."""
+
+    def __init__(self, inner):
+        self.__dict__.update(inner=inner, texts=[])
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.inner, name, value)
+
+    def __call__(self, texts, **kwargs):
+        self.texts.extend(texts)
+        return self.inner(texts, **kwargs)
+
+
+@pytest.mark.parametrize("name", SPLITTABLE)
+def test_every_stage_renders_a_conversation_the_same_way(tmp_path, name):
+    """One rendering of the model's own template for every stage, a multi-turn prompt with a system message (placed
+    as the template places it, or folded into the first user turn): through the paths the stages take
+    (render_stage_rows, then TRL's DPOTrainer for DPO and NCA (NCA is DPOTrainer with loss_type nca_pair), KTOTrainer for KTO; LocalBackend for trees and eval),
+    the context DPO / NCA / KTO train after is token for token the prompt trees and eval generate from, and that
+    prompt plus the chosen completion is the SFT rendering of the whole conversation, whose last assistant turn
+    (all SFT trains on after that prompt) is exactly the completion."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, KTOConfig
+
+    from align.backends import LocalBackend, ModelSpec
+    from align.dpo.trainer import MoEDPOTrainer
+    from align.kto_nca.trainer import MoEKTOTrainer
+    from align.training import render_stage_rows
+
+    tokenizer = family_tokenizer(name)
+    folder = write_smollm2_shaped(tmp_path / "model", name)
+    prompt_text = chat.prompt_text(tokenizer, ROW[:4])
+    assert SYSTEM in prompt_text and prompt_text.index(SYSTEM) < prompt_text.index("Solve: what is 12 + 7?")
+    assert "Critique: 12 + 7 is 19" in prompt_text
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    sft_ids, sft_mask, _ = chat.assistant_mask(tokenizer, chat.conversation(tokenizer, ROW))
+    assert sft_ids[:len(prompt)] == prompt and sft_mask[len(prompt):] == [1] * (len(sft_ids) - len(prompt))
+
+    # trees and eval with a local model: the generation prompt is that text
+    backend = LocalBackend(ModelSpec(model=str(folder), temperature=0.0, max_new_tokens=2))
+    backend.tokenizer = _Recording(backend.tokenizer)
+    backend.generate_batch([(ROW[:4], 1, 0)])
+    assert backend.tokenizer.texts == [prompt_text]
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    rejected = [{"role": "assistant", "content": "The answer is \\boxed{20}."}]
+    settings = dict(bf16=False, use_cpu=True, report_to="none", max_length=None)
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), **settings)  # NCA: the same trainer, loss_type nca_pair
+    pairs = Dataset.from_list([{"prompt": ROW[:4], "chosen": ROW[4:], "rejected": rejected}])
+    rows = render_stage_rows("dpo", pairs, tokenizer, args, str(folder))
+    row = MoEDPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train_dataset[0]
+    assert row["prompt_ids"] == prompt and row["prompt_ids"] + row["chosen_ids"] == sft_ids
+    args = KTOConfig(output_dir=str(tmp_path / "kto"), **settings)
+    labelled = Dataset.from_list([{"prompt": ROW[:4], "completion": ROW[4:], "label": True},
+                                  {"prompt": ROW[:4], "completion": rejected, "label": False}])
+    rows = render_stage_rows("kto", labelled, tokenizer, args, str(folder))
+    row = MoEKTOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train_dataset[0]
+    assert row["prompt_ids"] == prompt and row["prompt_ids"] + row["completion_ids"] == sft_ids

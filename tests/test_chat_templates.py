@@ -17,7 +17,8 @@ from align import chat
 from align.errors import AlignError
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "chat_templates.json").read_text())
-SPLITTABLE = ["chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "llama3", "gemma", "phi3", "qwen2_5"]
+SPLITTABLE = ["chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "llama3", "gemma", "phi3", "qwen2_5",
+              "tulu_olmo2"]
 TRL_PATCHED = ["llama3", "gemma", "phi3", "qwen2_5"]
 
 SYSTEM = "You are a careful math tutor."
@@ -37,6 +38,7 @@ END_OF_TURN = {
     "gemma": ("<end_of_turn>\n", "<end_of_turn>\n"),
     "phi3": ("<|end|>\n", "<|end|>\n<|endoftext|>"),
     "qwen2_5": ("<|im_end|>\n", "<|im_end|>\n"),
+    "tulu_olmo2": ("<|endoftext|>", "<|endoftext|>"),  # the newline after a middle turn's eos comes before <|user|>
 }
 
 
@@ -108,12 +110,21 @@ def test_mask_covers_exactly_the_assistant_turns(name):
 def test_which_templates_align_masks_itself():
     from align.tiny_mixtral import build_char_tokenizer
 
+    from trl.chat_template_utils import get_training_chat_template
+
+    patched = []
+    for n in SPLITTABLE:
+        try:
+            patched.append(get_training_chat_template(family_tokenizer(n)) and n)
+        except ValueError:
+            pass
+    assert patched == TRL_PATCHED == [n for n in SPLITTABLE if FIXTURES[n]["trl_patches"]]
     # Qwen2.5: TRL patches it, but its patch trains the assistant header's newline too (see below)
     assert [n for n in SPLITTABLE if chat.needs_own_masks(family_tokenizer(n))] == [
-        "chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "qwen2_5"]
+        "chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "qwen2_5", "tulu_olmo2"]
     assert not chat.needs_own_masks(build_char_tokenizer())  # align's default template has {% generation %} markers
     assert [n for n in SPLITTABLE if chat.takes_system(family_tokenizer(n))] == [
-        "chatml_smollm2", "mixtral_instruct", "llama3", "phi3", "qwen2_5"]
+        "chatml_smollm2", "mixtral_instruct", "llama3", "phi3", "qwen2_5", "tulu_olmo2"]
 
 
 @pytest.mark.parametrize("name", TRL_PATCHED)

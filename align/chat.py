@@ -121,14 +121,15 @@ def _patch_differs(tokenizer, patched: str) -> bool:
     the model's own template, where align can cut it."""
     if not getattr(tokenizer, "is_fast", False):
         return False  # no offsets to cut by: TRL's mask
-    messages = conversation(tokenizer, PROBE)
     try:
+        messages = conversation(tokenizer, PROBE)
         ids, mask, _ = assistant_mask(tokenizer, messages)
+    except Exception:  # Unsplittable, or the template does not render the probe: TRL's mask
+        return False
+    try:
         trl = tokenizer.apply_chat_template(messages, chat_template=patched, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
-    except Unsplittable:
-        return False
-    except Exception:  # the patch does not render the probe: align's cut of the model's own template did
+    except Exception:  # the patch does not render the probe, which align's cut of the model's own template did
         return True
     return list(trl["input_ids"]) != ids or list(trl["assistant_masks"]) != mask
 

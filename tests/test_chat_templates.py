@@ -123,6 +123,16 @@ def test_which_templates_align_masks_itself():
     assert [n for n in SPLITTABLE if chat.needs_own_masks(family_tokenizer(n))] == [
         "chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "qwen2_5", "tulu_olmo2"]
     assert not chat.needs_own_masks(build_char_tokenizer())  # align's default template has {% generation %} markers
+    # Qwen3's template (one TRL patches) drops earlier turns' reasoning, so align cannot cut it: TRL's mask stays
+    import copy
+
+    import trl
+
+    qwen3 = copy.copy(family_tokenizer("qwen2_5"))
+    qwen3.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    with pytest.raises(chat.Unsplittable):
+        chat.assistant_mask(qwen3, chat.conversation(qwen3, ROW))
+    assert not chat.needs_own_masks(qwen3)
     assert [n for n in SPLITTABLE if chat.takes_system(family_tokenizer(n))] == [
         "chatml_smollm2", "mixtral_instruct", "llama3", "phi3", "qwen2_5", "tulu_olmo2"]
 

@@ -289,7 +289,8 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path, name):
     """Every family, its template unedited, through the path `align sft` takes (render_stage_rows, then TRL's
     SFTTrainer; align's masks for ChatML, [INST] and Qwen2.5, TRL's own for Llama 3, Gemma and Phi-3, with
     Gemma's system message folded in by align first): labels only on the assistant tokens (align's cut, which
-    the other tests hold to be the contents plus end of turn), zero loss on every other one."""
+    the other tests hold to be the contents plus end of turn), zero loss on every other one, and a training step
+    whose loss is that assistant-only loss."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -300,7 +301,8 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path, name):
 
     folder = write_smollm2_shaped(tmp_path / "smol", name)
     tokenizer = family_tokenizer(name)
-    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, report_to=[], max_length=512, bf16=False)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), assistant_only_loss=True, report_to=[], max_length=512, bf16=False,
+                     use_cpu=True, max_steps=1, logging_steps=1, save_strategy="no", per_device_train_batch_size=1)
     rows = render_stage_rows("sft", Dataset.from_list([{"messages": ROW}]), tokenizer, args, str(folder))
     model = AutoModelForCausalLM.from_pretrained(folder)
     trainer = MoESFTTrainer(model=model, args=trainer_args(args), train_dataset=rows, processing_class=tokenizer)
@@ -320,6 +322,9 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path, name):
     assert torch.allclose(loss, per_token[trained].mean())
     everything = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
     assert not torch.allclose(loss, everything)
+    # and SFT trains on it: the step's logged loss is that assistant-only loss
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss.item(), rel=1e-3)
 
 
 def test_align_sft_on_a_dense_smollm2_shaped_model_writes_an_adapter(tmp_path):

@@ -15,7 +15,7 @@ be cut that way: that is one line naming the message that changes and `chat_temp
 
 Templates with `{% generation %}` markers, and those TRL recognises and patches, are left to TRL's own
 masks (`needs_own_masks` is False for them) where align's cut gives the same mask (the tests hold this for
-Llama 3, Gemma and Phi-3). TRL's Qwen2.5 patch also trains the newline that ends each `<|im_start|>assistant`
+Llama 3, Gemma and Phi-3) or cannot cut the template (Qwen3's). TRL's Qwen2.5 patch also trains the newline that ends each `<|im_start|>assistant`
 header: that newline is the last character of the generation prompt, given to the model at inference, not
 written by it, so align masks Qwen2.5 itself (content plus `<|im_end|>` and its newline).
 """

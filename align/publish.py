@@ -182,7 +182,8 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
 
         # merged in the dtype the stage trained in (the recipe's; "auto": the checkpoint's own), not float32
         dtype = (config.get("model") or {}).get("dtype") or "auto"
-        model = load_for_generation(adapter_config["base_model_name_or_path"], str(src), dtype=dtype).merge_and_unload()
+        model = load_for_generation(adapter_config["base_model_name_or_path"], str(src), dtype=dtype)
+        model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # (a 4-bit base comes unmerged)
         model.save_pretrained(out)
     else:
         for item in src.iterdir():

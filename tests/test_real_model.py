@@ -227,6 +227,26 @@ def test_word_problems_and_ordering_are_held_out_by_construction():
     assert all(p.answer in p.choices for p in logic) and verify(logic[0], f"Answer: {logic[0].answer}").correct
 
 
+def test_the_step_critic_gives_a_word_problems_steps_without_their_results():
+    import re
+
+    from align.tasks.critic import step_critique
+    from align.tasks.problems import load_problems
+
+    problems, _ = load_problems("wordproblems:60:4:1-3:train")
+    for p in problems:
+        critique = step_critique(p, "I think it is 3.")
+        numbers = [int(x) for x in re.findall(r"\d+", critique)]
+        moves = re.findall(r"(add|subtract) (\d+)", critique)
+        assert critique.startswith("Start from ") and len(moves) == p.extra["steps"], critique
+        total = numbers[0]
+        for op, n in moves:  # the steps, applied, give the answer: the critique states the operations ...
+            total = total + int(n) if op == "add" else total - int(n)
+        assert str(total) == p.answer, (critique, p.answer)
+        assert p.answer not in {str(x) for x in numbers} or p.answer in re.findall(r"\d+", p.prompt)  # ... not the result
+    assert step_critique(load_problems("ordering:3:0:3")[0][0], "Answer: Tom") == ""  # no steps: the observation alone
+
+
 @pytest.mark.parametrize("spec,message", [("wordproblems:5:0:0", "STEPS must be from 1 to 5"),
                                           ("wordproblems:5:0:1:test", "SPLIT must be all, train or heldout"),
                                           ("ordering:5:0:9", "PEOPLE must be from 3 to 5")])

@@ -2,7 +2,8 @@
 
 The feedback turn follows the released data: `Out: <observation>\nYour answer is wrong.\n<critique>`.
 The observation critic (the offline default) adds no critique; the step critic (offline, for problems
-with a step-by-step reference such as the built-in addition) names the first wrong step and why; the LLM
+with a step-by-step reference such as the built-in addition) names the first wrong step and why, and for
+the word problems gives their steps without results ("Start from 20, then subtract 6. ..."); the LLM
 critic asks a model, given the reference answer, to locate the error and suggest a fix without revealing
 the answer.
 """
@@ -52,7 +53,7 @@ def step_critique(problem: Problem, action: str) -> str:
     held to the reference's, line by line."""
     reference = (problem.extra or {}).get("solution")
     if not reference:
-        return ""
+        return (problem.extra or {}).get("hint", "")
     ref_steps = [_STEP.match(line) for line in reference.splitlines() if _STEP.match(line)]
     got_lines = [line for line in action.splitlines() if line.strip() and not line.startswith("Answer")]
     for k, ref in enumerate(ref_steps, 1):

@@ -214,7 +214,7 @@ def builtin_problems(spec: str) -> list[Problem] | None:
         out = []
         for row in rows:
             problem = problem_from_row(row, f"{name} {row['id']}")
-            problem.prefix, problem.extra = row["prefix"], {k: row[k] for k in ("steps",) if k in row}
+            problem.prefix, problem.extra = row["prefix"], {k: row[k] for k in ("steps", "hint") if k in row}
             out.append(problem)
         return out
     if name == "arithmetic":

@@ -71,6 +71,12 @@ def _steps_range(steps) -> tuple[int, int]:
     return lo, hi
 
 
+def hint_of(start: int, moves: list[str]) -> str:
+    """The step critic's critique of a wrong answer: the operations in order, without their results (the
+    smollm2 notes: a bare "wrong" fixes none of this model's answers; answer-free steps fix some)."""
+    return f"Start from {start}, then " + ", then ".join(moves) + ". Do each step and give the number you get."
+
+
 def word_problems(n: int = 200, seed: int = 0, steps=(1, 1), split: str = "all", max_number: int = 20) -> list[dict]:
     """`n` distinct word problems, each {id, task, prompt, answer, source, prefix, steps}."""
     if split not in SPLITS:
@@ -90,6 +96,7 @@ def word_problems(n: int = 200, seed: int = 0, steps=(1, 1), split: str = "all",
         b = rng.randint(1, min(max_number, a - 1)) if op == "-" else rng.randint(2, max_number)
         total = a + b if op == "+" else a - b
         parts, key = [template.format(n=name, i=items, a=a, b=b)], [f"F{first}:{a}:{b}"]
+        moves = [f"{'add' if op == '+' else 'subtract'} {b}"]
         for _ in range(k - 1):
             later = rng.randrange(len(LATER))
             template, op = LATER[later]
@@ -100,6 +107,7 @@ def word_problems(n: int = 200, seed: int = 0, steps=(1, 1), split: str = "all",
             total = total + c if op == "+" else total - c
             parts.append(template.format(n=name, i=items, b=c))
             key.append(f"L{later}:{c}")
+            moves.append(f"{'add' if op == '+' else 'subtract'} {c}")
         if "{n}" not in FIRST[first][0].split(".")[0]:  # a box or a table holds the items, not the person
             question = "How many {i} are there now?"
         else:
@@ -115,7 +123,8 @@ def word_problems(n: int = 200, seed: int = 0, steps=(1, 1), split: str = "all",
             continue
         seen.add(canonical)
         out.append({"id": f"wp-{seed}-{len(out)}", "task": "math", "prompt": " ".join(parts), "answer": str(total),
-                    "source": f"wordproblems:{lo}-{hi}:{split}", "prefix": MATH_PREFIX, "steps": k})
+                    "source": f"wordproblems:{lo}-{hi}:{split}", "prefix": MATH_PREFIX, "steps": k,
+                    "hint": hint_of(a, moves)})
     if len(out) < n:
         raise AlignError(f"problems: wordproblems could make only {len(out)} distinct {split} problems, not {n}")
     return out

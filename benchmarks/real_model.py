@@ -48,7 +48,7 @@ def seeded_pipeline(spec: dict, seed: int, out: Path, smoke: bool) -> dict:
                 params[0], params[1] = "4", str(int(params[1]) + seed)
                 settings["problems"] = ":".join([name, *params])
                 settings["parallel_trees"] = 4
-                settings["actor"] = {**settings.get("actor", {}), "max_new_tokens": 32}
+                settings["actor"] = {**settings.get("actor", {}), "max_new_tokens": 12}
         elif kind in ("sft", "nca", "kto", "dpo"):
             settings["seed"] = seed
             if smoke:

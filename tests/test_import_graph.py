@@ -103,8 +103,8 @@ def test_the_graph_is_read():
     """The reader sees the edges it should, top-level, deferred and relative alike (so a graph with no
     circle is not one with no edges)."""
     graph = import_graph()
-    assert "align.errors" in graph["align.cli"]  # top-level `from align.errors import ...`
-    assert "align.launch" in graph["align.training"]  # inside a function
+    assert "align.core.errors" in graph["align.cli"]  # top-level `from align.core.errors import ...`
+    assert "align.train.launch" in graph["align.train.training"]  # inside a function
     assert "align.tasks._harness" in graph["align.tasks.literal_tests"]  # `from align.tasks import _harness`
     assert "align.moe.nf4_tensor" in graph["align.moe.fused_lora"]
     assert len(graph) >= 50 and sum(map(len, graph.values())) >= 100

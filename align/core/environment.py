@@ -129,7 +129,7 @@ def _is_align(name: str) -> bool:
 
 
 def log_level() -> str:
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     if not isinstance(logging.getLevelName(level), int):
@@ -157,7 +157,7 @@ class LibraryLog:
             return "stderr"
         if value:
             return Path(value).expanduser()
-        from align.tiny_mixtral import default_home
+        from align.core.tiny_mixtral import default_home
 
         return default_home() / "logs" / f"{self.command}.log"
 

@@ -2,6 +2,70 @@
 
 __version__ = "0.1.0"
 
+import sys as _sys
+import warnings as _warnings
+from importlib.machinery import ModuleSpec as _ModuleSpec
+
 from align.core.environment import guard_hub_kernels as _guard_hub_kernels
 
 _guard_hub_kernels()  # no code from the Hub in a process that imports align, unless ALIGN_HUB_KERNELS=1
+
+# The top-level modules of 0.1 moved into packages by the stage they serve (docs/contributors.md). Until the
+# next release each old path still imports, with a DeprecationWarning naming the new one: `import align.config`
+# and `from align.config import X` give the module align.train.config itself (one module, not a copy, so
+# monkeypatching either name patches both), and `python -m align.launch` runs align.train.launch.
+MOVED = {
+    **{name: f"align.core.{name}" for name in (
+        "environment", "errors", "hub", "leaks", "lifecycle", "progress", "redact", "tiny_mixtral")},
+    **{name: f"align.train.{name}" for name in (
+        "chat", "checkpoints", "config", "cpu_fsdp", "data", "extras", "launch", "model_check", "models",
+        "preflight", "tracking", "training")},
+    **{name: f"align.evaluation.{name}" for name in ("backends", "evaluate", "plots")},
+    "publish": "align.publishing.publish",
+    **{name: f"align.runner.{name}" for name in ("pipeline", "quickstart")},
+}
+
+
+class _MovedModules:
+    """A meta-path finder and loader for the old paths (align.config -> align.train.config, ...). It stands
+    first on sys.meta_path: it answers only for the names in MOVED, which no file of align holds any more, and
+    must answer before an editable install's finder looks for them in another checkout."""
+
+    @staticmethod
+    def _new(fullname: str) -> str | None:
+        package, _, name = fullname.rpartition(".")
+        return MOVED.get(name) if package == __name__ else None
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        import importlib.util
+
+        new = cls._new(fullname)
+        return _ModuleSpec(fullname, cls, origin=importlib.util.find_spec(new).origin) if new else None
+
+    @classmethod
+    def create_module(cls, spec):
+        import importlib
+
+        new = cls._new(spec.name)
+        _warnings.warn(f"{spec.name} is deprecated and will be removed in the next release: import {new}",
+                       DeprecationWarning, stacklevel=2)
+        return importlib.import_module(new)
+
+    @staticmethod
+    def exec_module(module):
+        pass  # the module it returned is already the new one, executed
+
+    @classmethod
+    def get_code(cls, fullname):  # `python -m align.launch`: runpy runs the new module's code as __main__
+        import importlib.util
+
+        new = cls._new(fullname)
+        # runpy's frames call this, so it is said as a warning of __main__'s, which Python shows by default
+        _warnings.warn_explicit(f"python -m {fullname} is deprecated and will be removed in the next release: "
+                                f"python -m {new}", DeprecationWarning, f"python -m {fullname}", 0, "__main__")
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+
+if not any(finder is _MovedModules for finder in _sys.meta_path):
+    _sys.meta_path.insert(0, _MovedModules)

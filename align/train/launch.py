@@ -16,7 +16,7 @@ from pathlib import Path
 
 from align.core.errors import AlignError
 
-PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+PACKAGE_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 
 
 def check_sharding(sharding: str | None, source: str) -> bool:

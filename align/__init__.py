@@ -3,7 +3,6 @@
 __version__ = "0.1.0"
 
 import sys as _sys
-import warnings as _warnings
 from importlib.machinery import ModuleSpec as _ModuleSpec
 
 from align.core.environment import guard_hub_kernels as _guard_hub_kernels
@@ -29,27 +28,29 @@ MOVED = {
 class _MovedModules:
     """A meta-path finder and loader for the old paths (align.config -> align.train.config, ...). It stands
     first on sys.meta_path: it answers only for the names in MOVED, which no file of align holds any more, and
-    must answer before an editable install's finder looks for them in another checkout."""
+    must answer before an editable install's finder looks for them in another checkout. It reads nothing but
+    its own attributes when asked for another name (at interpreter exit this module's globals may be gone)."""
 
-    @staticmethod
-    def _new(fullname: str) -> str | None:
-        package, _, name = fullname.rpartition(".")
-        return MOVED.get(name) if package == __name__ else None
+    moved = {f"align.{old}": new for old, new in MOVED.items()}
+    spec = _ModuleSpec
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
+        new = cls.moved.get(fullname)
+        if new is None:
+            return None
         import importlib.util
 
-        new = cls._new(fullname)
-        return _ModuleSpec(fullname, cls, origin=importlib.util.find_spec(new).origin) if new else None
+        return cls.spec(fullname, cls, origin=importlib.util.find_spec(new).origin)
 
     @classmethod
     def create_module(cls, spec):
         import importlib
+        import warnings
 
-        new = cls._new(spec.name)
-        _warnings.warn(f"{spec.name} is deprecated and will be removed in the next release: import {new}",
-                       DeprecationWarning, stacklevel=2)
+        new = cls.moved[spec.name]
+        warnings.warn(f"{spec.name} is deprecated and will be removed in the next release: import {new}",
+                      DeprecationWarning, stacklevel=2)
         return importlib.import_module(new)
 
     @staticmethod
@@ -59,11 +60,12 @@ class _MovedModules:
     @classmethod
     def get_code(cls, fullname):  # `python -m align.launch`: runpy runs the new module's code as __main__
         import importlib.util
+        import warnings
 
-        new = cls._new(fullname)
+        new = cls.moved[fullname]
         # runpy's frames call this, so it is said as a warning of __main__'s, which Python shows by default
-        _warnings.warn_explicit(f"python -m {fullname} is deprecated and will be removed in the next release: "
-                                f"python -m {new}", DeprecationWarning, f"python -m {fullname}", 0, "__main__")
+        warnings.warn_explicit(f"python -m {fullname} is deprecated and will be removed in the next release: "
+                               f"python -m {new}", DeprecationWarning, f"python -m {fullname}", 0, "__main__")
         return importlib.util.find_spec(new).loader.get_code(new)
 
 

@@ -148,7 +148,7 @@ def test_the_top_level_shows_the_pipeline():
 
 
 def _moved() -> dict[str, str]:
-    """align.MOVED, read from align/__init__.py's source (this file imports no align module)."""
+    """align.MOVED, read from align/__init__.py's source (the graph tests import no align module)."""
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     node = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "MOVED")
     return eval(compile(ast.Expression(node), "align/__init__.py", "eval"), {})  # a dict of constant strings
@@ -244,3 +244,13 @@ def test_python_m_an_old_path_runs_the_new_module_and_says_so():
     assert "python -m align.launch is deprecated" in proc.stderr and "python -m align.train.launch" in proc.stderr
     proc = _python("import align.errors")
     assert proc.returncode == 0 and "align.errors is deprecated" in proc.stderr and "align.core.errors" in proc.stderr
+
+
+def test_a_moved_module_still_finds_the_files_beside_the_package(tmp_path, monkeypatch):
+    """launch.py, one folder deeper since the regroup, names the packaged accelerate configs from any
+    working directory (`--accelerate_config cpu` outside the checkout)."""
+    from align.train.launch import PACKAGE_RECIPES, resolve_accelerate_config
+
+    monkeypatch.chdir(tmp_path)
+    assert PACKAGE_RECIPES == REPO / "recipes" / "accelerate"
+    assert resolve_accelerate_config("cpu") == PACKAGE_RECIPES / "cpu.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from align.environment import configure_logging
-from align.errors import AlignError, exit_on_user_error
+from align.core.environment import configure_logging
+from align.core.errors import AlignError, exit_on_user_error
 from align.stages import TRAINING_STAGES
 
 # command -> (module[:function], help). Each target takes argv. Training stages come from the registry.
@@ -17,9 +17,9 @@ COMMANDS = {
     "sandbox": ("align.trees.cli:sandbox_main", "run a Python file in the sandbox"),
     "upcycle": ("align.moe.upcycle:upcycle_main", "a dense Llama / Mistral model (folder, hub id, GGUF) -> a Mixtral-type MoE, exact at init"),
     "quantize": ("align.moe.quantize:main", "save a base with NF4 expert stacks (QLoRA for MoE), loadable as is"),
-    "eval": ("align.evaluate", "pass@1 (greedy) of models on held-out problems, plus plots"),
-    "run": ("align.pipeline", "run a pipeline recipe: trees -> sft -> dpo/kto/nca -> eval -> publish"),
-    "publish": ("align.publish", "a Hub-ready folder with a model card; pushes unless --dry-run"),
+    "eval": ("align.evaluation.evaluate", "pass@1 (greedy) of models on held-out problems, plus plots"),
+    "run": ("align.runner.pipeline", "run a pipeline recipe: trees -> sft -> dpo/kto/nca -> eval -> publish"),
+    "publish": ("align.publishing.publish", "a Hub-ready folder with a model card; pushes unless --dry-run"),
 }
 
 def usage() -> str:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None):
     if command not in COMMANDS:
         raise AlignError(f"unknown command '{command}' (commands: {', '.join(COMMANDS)}; see align --help)")
     configure_logging(command)
-    from align import lifecycle
+    from align.core import lifecycle
 
     lifecycle.die_with_parent()  # started by `align run` or a launcher: it does not outlive it
     lifecycle.install()  # SIGTERM / SIGINT / SIGHUP: stop what this command started, exit 128 + signal

@@ -3,7 +3,7 @@
     python benchmarks/gen_speed.py [--model FOLDER] [--problems 16] [--samples 2] [--max-new-tokens 96]
 
 Both sides decode the same left-padded batch of chat requests (the model's own chat template) with the same
-per-row seeded sampler (align.backends.RowSampler, T=0.7), so they produce the same texts, which the script
+per-row seeded sampler (align.evaluation.backends.RowSampler, T=0.7), so they produce the same texts, which the script
 checks: the ratio is the decoding alone. `generate` is transformers' `model.generate` on the whole batch (every
 row runs to the longest answer's end); `drop` is the backend's default decoder, which drops each finished row
 from the batch and the KV cache. Tokens are counted up to each answer's end (its EOS included). Prints
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from align.backends import LocalBackend, ModelSpec
+    from align.evaluation.backends import LocalBackend, ModelSpec
 
     model = args.model
     if model is None:

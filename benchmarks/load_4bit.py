@@ -3,7 +3,7 @@
 Writes a synthetic checkpoint (random bf16 weights, Mixtral's layout on the Hub: per-expert w1/w2/w3,
 several safetensors shards with an index; the shape scaled down so it is a few GB), then loads it twice,
 each in a fresh process: transformers' `from_pretrained` in bf16 (the baseline), and a recipe's path with
-`experts_4bit: true` (align.models.load_model, which quantises each expert as its shard is read). Prints
+`experts_4bit: true` (align.train.models.load_model, which quantises each expert as its shard is read). Prints
 each process's peak resident memory (VmHWM) and `peak_load_ratio` = ours / baseline; target <= 0.45.
 
     python benchmarks/load_4bit.py [--hidden 2048] [--intermediate 7168] [--layers 4] [--experts 8] [--shards 4]
@@ -65,7 +65,7 @@ def write_checkpoint(folder: Path, args) -> dict:
 LOADERS = {
     "bf16": "from transformers import AutoModelForCausalLM\n"
             "model = AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.bfloat16)\n",
-    "experts_4bit": "from align.config import ModelArguments\nfrom align.models import load_model\n"
+    "experts_4bit": "from align.train.config import ModelArguments\nfrom align.train.models import load_model\n"
                     "model, _ = load_model(ModelArguments(model_name_or_path={folder!r}, dtype='bfloat16', experts_4bit=True))\n",
 }
 

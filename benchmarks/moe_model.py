@@ -100,7 +100,7 @@ def main():
     import torch
     from peft import get_peft_model
 
-    from align.config import ModelArguments
+    from align.train.config import ModelArguments
     from align.moe.fused_lora import apply_moe_lora_backend
     from align.moe.lora import build_lora_config
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from align.pipeline import substitute_refs
+from align.runner.pipeline import substitute_refs
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "recipes" / "quickstart" / "pipeline.yaml"

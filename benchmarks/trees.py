@@ -78,7 +78,7 @@ class _LatencyServer(BaseHTTPRequestHandler):
 
 
 def bench_builder(latency: float, concurrency: int, problems: int) -> dict:
-    from align.backends import ServerBackend
+    from align.evaluation.backends import ServerBackend
     from align.trees.builder import build_trees_async, parse_trees_config
 
     _LatencyServer.latency = latency

@@ -21,7 +21,7 @@ PLACEMENTS = {
 
 
 def main() -> None:
-    from align.evaluate import generate_greedy, make_eval_backend, score
+    from align.evaluation.evaluate import generate_greedy, make_eval_backend, score
     from align.tasks.problems import addition_problems
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

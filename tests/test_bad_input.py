@@ -54,7 +54,7 @@ def test_wrong_type(tmp_path, capsys):
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
-    from align.config import parse_stage_args
+    from align.train.config import parse_stage_args
     from trl import SFTConfig
 
     path = tmp_path / "r.yaml"
@@ -121,8 +121,8 @@ def test_4bit_refuses_what_it_cannot_do(tmp_path, capsys, key, changes, words):
 def test_attention_only_model_rejects_expert_lora():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align.config import ModelArguments
-    from align.errors import AlignError
+    from align.train.config import ModelArguments
+    from align.core.errors import AlignError
     from align.moe.lora import build_lora_config
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -218,11 +218,11 @@ def test_unknown_accelerate_config_name(tmp_path, capsys):
     (["--lora_attention_modules", "q_proj", "lm_head"], "lm_head"),  # refused by SFTTrainer.__init__ itself
 ])
 def test_trainer_init_mistakes_fail_before_the_model_loads(flags, words, tmp_path, capsys, monkeypatch):
-    import align.models
+    import align.train.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(align.models, "_from_pretrained", no_model)
+    monkeypatch.setattr(align.train.models, "_from_pretrained", no_model)
     line = _run(capsys, ["sft", "--config", str(_recipe(tmp_path)), *flags])
     assert words in line

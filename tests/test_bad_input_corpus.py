@@ -211,12 +211,12 @@ CASES.update({
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line(case, tmp_path, capsys, monkeypatch):
-    import align.models
+    import align.train.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(align.models, "_from_pretrained", no_model)
+    monkeypatch.setattr(align.train.models, "_from_pretrained", no_model)
     from align.cli import main
 
     build, expected = CASES[case]

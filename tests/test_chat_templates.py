@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from align import chat
-from align.errors import AlignError
+from align.train import chat
+from align.core.errors import AlignError
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "chat_templates.json").read_text())
 SPLITTABLE = ["chatml_smollm2", "mixtral_instruct", "mixtral_instruct_v01_original", "llama3", "gemma", "phi3", "qwen2_5",
@@ -46,7 +46,7 @@ END_OF_TURN = {
 def family_tokenizer(name: str):
     fixture = FIXTURES[name]
     if fixture["bos"] == "<s>":  # SentencePiece families
-        from align.tiny_mixtral import build_mixtral_tokenizer
+        from align.core.tiny_mixtral import build_mixtral_tokenizer
 
         tokenizer = build_mixtral_tokenizer()
         if fixture["specials"]:
@@ -108,7 +108,7 @@ def test_mask_covers_exactly_the_assistant_turns(name):
 
 
 def test_which_templates_align_masks_itself():
-    from align.tiny_mixtral import build_char_tokenizer
+    from align.core.tiny_mixtral import build_char_tokenizer
 
     from trl.chat_template_utils import get_training_chat_template
 
@@ -172,7 +172,7 @@ def test_trl_patched_templates_give_the_same_mask(name):
 
 def test_generation_markers_give_the_same_mask():
     """align's default Mixtral template carries {% generation %} markers: TRL masks it, and align's cut agrees."""
-    from align.tiny_mixtral import build_mixtral_tokenizer
+    from align.core.tiny_mixtral import build_mixtral_tokenizer
 
     tokenizer = build_mixtral_tokenizer()
     messages = chat.conversation(tokenizer, ROW)
@@ -254,7 +254,7 @@ def test_rows_trl_masks_get_their_system_message_placed_too():
     from datasets import Dataset
     from trl import SFTConfig
 
-    from align.training import render_stage_rows, trainer_args
+    from align.train.training import render_stage_rows, trainer_args
 
     gemma = family_tokenizer("gemma")
     args = SFTConfig(output_dir="unused", assistant_only_loss=True, report_to=[], bf16=False)
@@ -296,7 +296,7 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tmp_path, name):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from align.training import render_stage_rows, trainer_args
+    from align.train.training import render_stage_rows, trainer_args
     from align.sft.trainer import MoESFTTrainer
 
     folder = write_smollm2_shaped(tmp_path / "smol", name)

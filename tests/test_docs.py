@@ -81,7 +81,7 @@ def test_the_key_reference_is_generated_from_the_code():
 
 def test_the_key_reference_holds_every_key_of_help():
     """Every `--key` that `align STAGE --help` lists is a row of the reference page."""
-    from align.config import stage_help
+    from align.train.config import stage_help
 
     page = (REPO / "docs" / "keys.md").read_text()
     rows = set(re.findall(r"^\| `([\w.]+)` \|", page, re.M))
@@ -115,7 +115,7 @@ def test_every_path_shown_exists():
 def test_every_stage_key_shown_is_a_key():
     """`--key` after `align sft|dpo|kto|nca` in a command line of the README or a page is a recipe key (or a
     TRL name we take): a renamed key cannot linger in the docs."""
-    from align.config import TRL_NAMES, DataArguments, ModelArguments
+    from align.train.config import TRL_NAMES, DataArguments, ModelArguments
     from align.stages import TRAINING_STAGES
 
     import dataclasses
@@ -148,10 +148,10 @@ def test_the_cheap_commands_shown_run(capsys, monkeypatch):
     """Every `align ... --help` and `align run PIPELINE --check` line of a bash block runs and succeeds
     (in this process: `--check` loads no model). The real models' hub ids are taken as there: offline, with
     an empty cache, --check says they are not (tests/test_model_check.py, test_pipeline.py)."""
-    import align.model_check
+    import align.train.model_check
     from align.cli import main
 
-    monkeypatch.setattr(align.model_check, "_check_hub", lambda name, *a, **k: align.model_check.ModelInput(name, name))
+    monkeypatch.setattr(align.train.model_check, "_check_hub", lambda name, *a, **k: align.train.model_check.ModelInput(name, name))
 
     lines = sorted({line for _, line in _command_lines() if CHEAP.match(line)})
     assert "align run recipes/quickstart/pipeline.yaml --check" in lines and "align --help" in lines

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from align.errors import AlignError
-from align.evaluate import pass_at_k, run_eval
+from align.core.errors import AlignError
+from align.evaluation.evaluate import pass_at_k, run_eval
 
 
 @pytest.fixture(autouse=True)
 def _scripted_models(monkeypatch):
-    """These tests stand a scripted backend in for the model ("x"): the model check (align/model_check.py,
+    """These tests stand a scripted backend in for the model ("x"): the model check (align/train/model_check.py,
     tested in test_model_check.py) has no model to look at."""
-    monkeypatch.setattr("align.evaluate.check_eval_models", lambda *a, **k: None)
+    monkeypatch.setattr("align.evaluation.evaluate.check_eval_models", lambda *a, **k: None)
 from align.tasks.problems import load_problems
 from align.tasks.verifiers import verify, verify_code
 
@@ -151,7 +151,7 @@ def test_eval_samples_pass_at_k_and_reports_to_a_tracker(tmp_path, monkeypatch):
     problems = _jsonl(tmp_path / "p.jsonl", [{"id": f"p{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1)}
                                               for a in range(4)])
     sampler = _Sampler()
-    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
     spec = {"problems": problems, "models": {"m": {"model": "scripted"}}, "samples": 4, "pass_k": [1, 2],
             "temperature": 0.7, "seed": 3, "report_to": "tensorboard", "run_name": "evalrun"}
     results = run_eval(spec, tmp_path / "out")
@@ -180,13 +180,13 @@ def test_eval_samples_pass_at_k_and_reports_to_a_tracker(tmp_path, monkeypatch):
                                                 ("trackio", "pip install 'moe-align\\[tracking\\]'"),
                                                 ("codecarbon", "can't log this stage's metrics")])
 def test_eval_trackers_are_checked_before_any_model_loads(tmp_path, monkeypatch, report_to, message):
-    import align.extras
+    import align.train.extras
 
     if report_to == "trackio":
-        monkeypatch.setattr(align.extras, "importable", lambda *m: "trackio" not in m)
+        monkeypatch.setattr(align.train.extras, "importable", lambda *m: "trackio" not in m)
     if report_to == "codecarbon":
-        monkeypatch.setattr(align.extras, "importable", lambda *m: True)
-    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
+        monkeypatch.setattr(align.train.extras, "importable", lambda *m: True)
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(AlignError, match=message):
         run_eval({"problems": "addition:4", "models": {"m": {"model": "x"}}, "report_to": report_to}, tmp_path)
 
@@ -197,13 +197,13 @@ def test_pass_k_needs_enough_samples(tmp_path):
 
 
 def test_several_sets_are_scored_apart_and_named_in_the_model_index(tmp_path, monkeypatch):
-    from align.publish import _eval_results
+    from align.publishing.publish import _eval_results
 
     gsm = _jsonl(tmp_path / "gsm8k.jsonl", [{"question": f"What is {a}+1", "answer": f"#### {a + 1}"} for a in range(4)])
     mine = _jsonl(tmp_path / "mine.jsonl", [{"id": f"p{a}", "task": "math", "prompt": f"What is {a}+1", "answer": str(a + 1)}
                                             for a in range(2)])
     sampler = _Sampler()
-    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda m, max_new_tokens: sampler)
     spec = {"problems": [f"gsm8k@{gsm}", mine], "models": {"m": {"model": "x"}}, "samples": 3, "pass_k": [1],
             "batch_size": 2}
     results = run_eval(spec, tmp_path / "out")
@@ -235,7 +235,7 @@ def test_sets_are_the_configured_ones_not_the_rows_sources(tmp_path, monkeypatch
     one = _jsonl(tmp_path / "math" / "test.jsonl", rows("a", ["user", "user"]))
     two = _jsonl(tmp_path / "code" / "test.jsonl", rows("b", ["user", "user", "user"]))
     mixed = _jsonl(tmp_path / "mixed.jsonl", rows("c", ["gsm8k", "math500"]))
-    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda m, max_new_tokens: _Sampler())
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda m, max_new_tokens: _Sampler())
     r = run_eval({"problems": [one, two], "models": {"m": {"model": "x"}}}, tmp_path / "two")["models"]["m"]
     assert {name: v["n"] for name, v in r["per_set"].items()} == {"math/test.jsonl": 2, "code/test.jsonl": 3}
     r = run_eval({"problems": [mixed], "models": {"m": {"model": "x"}}}, tmp_path / "one")["models"]["m"]
@@ -243,7 +243,7 @@ def test_sets_are_the_configured_ones_not_the_rows_sources(tmp_path, monkeypatch
 
 
 def test_samples_split_across_batches_are_the_same_samples():
-    from align.evaluate import sample_batches
+    from align.evaluation.evaluate import sample_batches
 
     batches = sample_batches(3, 5, 2)
     assert all(sum(k for _, _, k in b) <= 2 for b in batches)
@@ -258,7 +258,7 @@ def test_samples_split_across_batches_are_the_same_samples():
     ({"problems": "mbpp@./no/such.jsonl"}, "eval.yaml: dataset ./no/such.jsonl: file or folder not found"),
 ])
 def test_eval_settings_that_are_wrong_name_the_file(tmp_path, monkeypatch, spec, message):
-    monkeypatch.setattr("align.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(AlignError, match=re.escape(message)):
         run_eval({"models": {"m": {"model": "x"}}, **spec}, tmp_path, "eval.yaml")
 
@@ -266,7 +266,7 @@ def test_eval_settings_that_are_wrong_name_the_file(tmp_path, monkeypatch, spec,
 def test_a_tracker_that_fails_to_start_is_a_warning_and_is_closed(monkeypatch, capsys, tmp_path):
     import accelerate.tracking
 
-    from align.tracking import Trackers
+    from align.train.tracking import Trackers
 
     finished = []
 
@@ -317,8 +317,8 @@ def test_a_hub_set_skips_bad_rows_when_asked_and_stops_at_its_limit(tmp_path):
 
 
 def test_set_labels_name_no_local_path():
-    from align.evaluate import set_labels
-    from align.publish import _eval_results
+    from align.evaluation.evaluate import set_labels
+    from align.publishing.publish import _eval_results
 
     names = ["data/math/test.jsonl", "/x/code/test.jsonl", "gsm8k:train@/x/g.jsonl", "addition:4", "humaneval"]
     assert set_labels(names) == {"data/math/test.jsonl": "math/test.jsonl", "/x/code/test.jsonl": "code/test.jsonl",

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from align.errors import AlignError
-from align.backends import BackendError, ModelSpec, ServerBackend
+from align.core.errors import AlignError
+from align.evaluation.backends import BackendError, ModelSpec, ServerBackend
 from align.trees.builder import build_trees, parse_trees_config
 from align.trees.store import iter_trees
 from conftest import REPO
@@ -81,7 +81,7 @@ def scripted():
 
 
 def test_a_served_model_is_sampled_at_the_eval_temperature_then_greedy_again(scripted, tmp_path):
-    from align.evaluate import run_eval
+    from align.evaluation.evaluate import run_eval
 
     handler, url = scripted
     handler.script = [("json", GOOD)]
@@ -145,7 +145,7 @@ def test_the_deadline_is_per_request_not_per_read(scripted):
 
 
 def test_retry_after_is_honoured_and_capped(scripted, monkeypatch):
-    import align.backends as backends
+    import align.evaluation.backends as backends
 
     handler, url = scripted
     handler.script = [("status", 503, {"Retry-After": "0.6"}), ("json", GOOD)]
@@ -296,7 +296,7 @@ def test_disk_full_keeps_a_store_a_rerun_resumes(tmp_path):
 
 
 def test_exports_and_pushes_refuse_secrets(tmp_path, monkeypatch):
-    from align.publish import push_folder
+    from align.publishing.publish import push_folder
     from align.trees.export import export_trees
     from align.trees.store import TreeStore
 

@@ -44,8 +44,8 @@ def test_an_export_of_a_build_that_solved_nothing_loads_config_by_config(tmp_pat
     for name in counts["empty_configs"]:  # the empty ones keep their columns, in an empty parquet file
         empty = pq.read_table(str(export / name / "train-00000-of-00001.parquet"))
         assert empty.num_rows == 0 and {"id", "chosen" if "pairs" in name else "completion"} <= set(empty.column_names)
-    from align.data import load_one
-    from align.errors import AlignError
+    from align.train.data import load_one
+    from align.core.errors import AlignError
 
     with pytest.raises(AlignError, match="has no rows"):  # a stage given the empty folder says so in one line
         load_one(str(export / "sft"))
@@ -84,7 +84,7 @@ SAME_AS_DEFAULT = {  # every spelling PEFT (or axolotl, or TRL) takes for the de
 def tiny_base():
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype="float32")
 
@@ -92,7 +92,7 @@ def tiny_base():
 def _model_args(keys: dict):
     from trl import SFTConfig
 
-    from align.config import parse_stage_recipe
+    from align.train.config import parse_stage_recipe
 
     return parse_stage_recipe(SFTConfig, {"datasets": ["d.jsonl"], "output_dir": "o", **keys}, "r.yaml", apply_env=False)[0]
 
@@ -326,7 +326,7 @@ def test_under_plain_accelerate_launch_a_user_error_is_printed_once_and_named_by
 
 
 def test_through_align_launch_a_user_error_is_one_line_without_the_launcher_report(tmp_path):
-    proc = _two_process_launch("align.launch", tmp_path)  # what `align STAGE --accelerate_config` runs
+    proc = _two_process_launch("align.train.launch", tmp_path)  # what `align STAGE --accelerate_config` runs
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"align: error: {tmp_path / 'missing.yaml'}: recipe file not found",

@@ -27,8 +27,8 @@ def test_tiny_models_build_from_an_empty_home(tmp_path):
     code = """
 import json
 from transformers import AutoModelForCausalLM
-from align.models import load_tokenizer
-from align.tiny_mixtral import tiny_mixtral_path
+from align.train.models import load_tokenizer
+from align.core.tiny_mixtral import tiny_mixtral_path
 out = {}
 for name in ("tiny-mixtral", "tiny-mixtral-char"):
     path = tiny_mixtral_path(0, name)
@@ -136,7 +136,7 @@ def test_stage_help_lists_every_key_with_type_default_and_help(capsys):
     import dataclasses
 
     from align.cli import main
-    from align.config import DataArguments, ModelArguments
+    from align.train.config import DataArguments, ModelArguments
     from trl import KTOConfig
 
     assert main(["kto", "--help"]) == 0

@@ -107,8 +107,8 @@ def test_disabled_adapter_and_reference_adapter_follow_peft():
 
 
 def test_gradient_checkpointing_recomputes_the_same_routing():
-    from align.models import resolve_model_path
-    from align.config import ModelArguments
+    from align.train.models import resolve_model_path
+    from align.train.config import ModelArguments
     from align.moe.lora import build_lora_config
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -167,7 +167,7 @@ def test_short_sft_same_loss_curve_and_adapters_round_trip(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
     from align.sft.train import main as sft
     from conftest import FIXED_INPUT, stage_args
 

@@ -15,7 +15,7 @@ BETA = 0.1
 
 
 def _rows():
-    from align.data import ultrainteract_pair_row
+    from align.train.data import ultrainteract_pair_row
     import json
 
     from conftest import REPO
@@ -28,7 +28,7 @@ def _policy(sft_output):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from align.models import load_tokenizer, resolve_model_path
+    from align.train.models import load_tokenizer, resolve_model_path
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(sft_output), is_trainable=True)
@@ -112,7 +112,7 @@ def test_kto_loss_matches_formula(sft_output, tmp_path):
     from datasets import Dataset
     from trl import KTOConfig
 
-    from align.data import pairs_to_kto
+    from align.train.data import pairs_to_kto
     from align.kto_nca.trainer import MoEKTOTrainer
 
     rows = pairs_to_kto(Dataset.from_list(_rows()[:2])).to_list()  # desirable, undesirable, desirable, undesirable

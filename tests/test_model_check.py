@@ -1,5 +1,5 @@
 """A model or adapter that is not what it says: one line, exit 2, before any work, in every command that
-takes one (align/model_check.py). Each command case runs `python -m align` in a fresh process, offline."""
+takes one (align/train/model_check.py). Each command case runs `python -m align` in a fresh process, offline."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _fake_safetensors(path: Path, tensors: dict[str, list[int]]) -> None:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     """Folders of each kind of wrong model and adapter, next to a tiny Mixtral's."""
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     root = tmp_path_factory.mktemp("models")
     tiny = Path(resolve_model_path("tiny-mixtral"))
@@ -217,8 +217,8 @@ def test_pipeline_bad_model_in_its_fifth_stage(tmp_path, cases, check):
     ("nowhere", "not found"),
 ])
 def test_broken_folders(cases, name, words):
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     with pytest.raises(AlignError) as err:
         check_model(str(cases / name), where="r.yaml")
@@ -227,8 +227,8 @@ def test_broken_folders(cases, name, words):
 
 def test_adapter_shapes_decide_when_its_base_is_elsewhere(cases):
     """A recorded base not on this machine: the tensor shapes against the model's skeleton decide."""
-    from align.errors import AlignError
-    from align.model_check import check_adapter, check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_adapter, check_model
 
     with pytest.raises(AlignError) as err:
         check_adapter(str(cases / "other_base_elsewhere"), check_model("tiny-mixtral-char"))
@@ -237,8 +237,8 @@ def test_adapter_shapes_decide_when_its_base_is_elsewhere(cases):
 
 
 def test_tiny_names_and_seeds():
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     assert check_model("tiny-mixtral").config["model_type"] == "mixtral"
     assert check_model("tiny-mixtral:0").path == check_model("tiny-mixtral").path
@@ -247,8 +247,8 @@ def test_tiny_names_and_seeds():
 
 
 def test_gguf_file_and_gguf_folder(tmp_path):
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     good = tmp_path / "m.gguf"
     good.write_bytes(b"GGUF" + bytes(28))
@@ -264,7 +264,7 @@ def test_gguf_file_and_gguf_folder(tmp_path):
 
 def test_adapter_of_the_same_base_passes(cases):
     """The adapter on the model it was trained on (its recorded base is that folder) is accepted."""
-    from align.model_check import check_adapter, check_model
+    from align.train.model_check import check_adapter, check_model
 
     assert check_adapter(str(cases / "other_base"), check_model("tiny-mixtral"))["r"] == 8
     assert check_adapter(str(cases / "other_base_elsewhere"), check_model("tiny-mixtral"))["r"] == 8
@@ -283,7 +283,7 @@ def online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    monkeypatch.setattr("align.model_check._hub_token", lambda: os.environ.get("HF_TOKEN"))
+    monkeypatch.setattr("align.train.model_check._hub_token", lambda: os.environ.get("HF_TOKEN"))
 
     def hub(model_info=None, download=None):
         import huggingface_hub
@@ -309,8 +309,8 @@ def online(monkeypatch):
 def test_hub_errors_one_line_each(online, monkeypatch, error, token, words):
     from huggingface_hub import errors
 
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
@@ -325,8 +325,8 @@ def test_hub_model_checked_from_its_file_list(online, tmp_path):
     weights downloaded."""
     from huggingface_hub.hf_api import RepoSibling
 
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "mixtral"}))
@@ -351,8 +351,8 @@ def test_offline_cached_but_incomplete(tmp_path, monkeypatch):
     """A hub id in the cache whose download stopped halfway (config there, weights not) is one line too."""
     import huggingface_hub
 
-    from align.errors import AlignError
-    from align.model_check import check_model
+    from align.core.errors import AlignError
+    from align.train.model_check import check_model
 
     snapshot = tmp_path / "snap"
     snapshot.mkdir()
@@ -370,7 +370,7 @@ def test_gradient_checkpointing_under_its_current_name(tmp_path):
 
     from trl import DPOConfig, SFTConfig
 
-    from align.config import parse_stage_recipe
+    from align.train.config import parse_stage_recipe
 
     if "activation_checkpointing" not in {f.name for f in dataclasses.fields(SFTConfig)}:
         pytest.skip("this transformers has no activation_checkpointing")
@@ -386,7 +386,7 @@ def test_gradient_checkpointing_under_its_current_name(tmp_path):
             assert not [w for w in caught if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
             if "gradient_checkpointing_kwargs" in recipe:
                 assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     with pytest.raises(AlignError, match="say the same thing"):
         parse_stage_recipe(SFTConfig, {**base, "gradient_checkpointing": True, "activation_checkpointing": False}, "r.yaml")

@@ -45,7 +45,7 @@ def test_two_processes_equal_one_with_the_same_micro_batches(stage, tmp_path, sf
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     extra = [] if stage == "sft" else ["--adapter_name_or_path", sft_output]
     two = _launch(stage, tmp_path / "two", *extra)
@@ -69,7 +69,7 @@ def test_two_processes_equal_one_with_the_same_micro_batches(stage, tmp_path, sf
 def test_router_statistics_leave_padding_out():
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
     from align.moe.router_stats import RouterStats
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
@@ -89,12 +89,12 @@ def test_router_statistics_leave_padding_out():
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_fsdp2_shards_on_two_cpu_processes_and_equals_one(stage, tmp_path, sft_output):
     """recipes/accelerate/fsdp2.yaml (one shard unit per decoder layer, sharded checkpoints) on 2 processes
-    over gloo (ALIGN_CPU_FSDP, align/cpu_fsdp.py): the parameters are sharded, the final save gathers the
+    over gloo (ALIGN_CPU_FSDP, align/train/cpu_fsdp.py): the parameters are sharded, the final save gathers the
     full adapter, and it equals one process with the same micro-batches."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     extra = [] if stage == "sft" else ["--adapter_name_or_path", sft_output]
     two = _launch(stage, tmp_path / "two", *extra, config=FSDP2)
@@ -136,10 +136,10 @@ def test_zero3_config_is_valid_but_cannot_run_here():
 
 
 def test_push_to_hub_pushes_the_saved_folder(tmp_path, monkeypatch):
-    import align.publish
+    import align.publishing.publish
 
     pushed = []
-    monkeypatch.setattr(align.publish, "push_folder", lambda folder, repo, **kw: pushed.append((folder, repo, kw)) or "url")
+    monkeypatch.setattr(align.publishing.publish, "push_folder", lambda folder, repo, **kw: pushed.append((folder, repo, kw)) or "url")
     from align.cli import main
 
     assert main(["sft", *stage_args("sft.yaml", tmp_path / "o", "--max_steps", "1", "--push_to_hub", "true",

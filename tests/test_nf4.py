@@ -25,7 +25,7 @@ def _tiny(num_experts=8, dtype=torch.float32, seed=0):
 def _with_lora(model, seed=1):
     from peft import get_peft_model
 
-    from align.config import ModelArguments
+    from align.train.config import ModelArguments
     from align.moe.lora import build_lora_config
 
     model = get_peft_model(model, build_lora_config(ModelArguments(lora_r=4, lora_alpha=8), model))
@@ -142,8 +142,8 @@ def test_fused_4bit_keeps_no_dequantized_stack_between_forward_and_backward():
 def test_quantized_base_saves_and_loads(tmp_path):
     from safetensors.torch import load_file
 
-    from align.config import ModelArguments
-    from align.models import load_model
+    from align.train.config import ModelArguments
+    from align.train.models import load_model
     from align.moe.nf4 import save_quantized
 
     quantized, _ = _quantized_and_reference()
@@ -156,7 +156,7 @@ def test_quantized_base_saves_and_loads(tmp_path):
     ids = torch.randint(0, 128, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, quantized.eval()(input_ids=ids).logits, rtol=0, atol=0)
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     with pytest.raises(AlignError, match="use experts_4bit: true, not load_in_4bit"):
         load_model(ModelArguments(model_name_or_path=str(tmp_path), dtype="float32", load_in_4bit=True))
@@ -186,8 +186,8 @@ def test_qlora_sft_trains_and_adapter_loads_on_both_bases(sft_4bit, sft_output):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from align.config import ModelArguments
-    from align.models import load_model, resolve_model_path
+    from align.train.config import ModelArguments
+    from align.train.models import load_model, resolve_model_path
     from conftest import logits_of
 
     out, trained_logits = sft_4bit
@@ -221,8 +221,8 @@ def test_align_quantize_cli_writes_a_base_with_the_in_memory_logits(tmp_path, ca
     from transformers import AutoModelForCausalLM
 
     from align.cli import main
-    from align.config import ModelArguments
-    from align.models import load_model, load_tokenizer, resolve_model_path
+    from align.train.config import ModelArguments
+    from align.train.models import load_model, load_tokenizer, resolve_model_path
     from align.moe.nf4 import is_quantized_checkpoint
     from conftest import logits_of
 
@@ -279,8 +279,8 @@ def test_experts_are_quantised_as_the_shards_load(tmp_path):
     in 16 bits and quantising after, without the loader ever building a 16-bit stack."""
     from transformers import AutoModelForCausalLM
 
-    from align.config import ModelArguments
-    from align.models import load_model, resolve_model_path
+    from align.train.config import ModelArguments
+    from align.train.models import load_model, resolve_model_path
     from align.moe.stream_load import save_hub_layout
     from conftest import logits_of
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from conftest import REPO
 
 
@@ -28,7 +28,7 @@ def _pipeline(tmp_path, n=64, sft_set=None):
 
 
 def _run(path, *flags):
-    from align.pipeline import main
+    from align.runner.pipeline import main
 
     return main([path, *flags])
 
@@ -77,7 +77,7 @@ def test_fail_resume_skip_and_rerun_on_changed_input(tmp_path, capsys):
 
 
 def test_pipeline_errors_before_running(tmp_path):
-    from align.pipeline import load_pipeline
+    from align.runner.pipeline import load_pipeline
 
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump({"output_dir": "x", "stages": [{"name": "a", "kind": "sft", "recipe": "nope.yaml"}]}))
@@ -100,7 +100,7 @@ def test_pipeline_errors_before_running(tmp_path):
 
 
 def test_quickstart_pipeline_validates():
-    from align.pipeline import Runner, load_pipeline
+    from align.runner.pipeline import Runner, load_pipeline
 
     path = REPO / "recipes" / "quickstart" / "pipeline.yaml"
     spec = load_pipeline(str(path))
@@ -110,7 +110,7 @@ def test_quickstart_pipeline_validates():
     for stage in spec["stages"]:
         resolved = runner.resolve(stage)
         if "resolved_recipe" in resolved and stage["kind"] != "trees":
-            from align.config import ModelArguments, DataArguments, validate_keys
+            from align.train.config import ModelArguments, DataArguments, validate_keys
             from trl import DPOConfig, KTOConfig, SFTConfig
 
             cls = {"sft": SFTConfig, "dpo": DPOConfig, "nca": DPOConfig, "kto": KTOConfig}[stage["kind"]]
@@ -118,7 +118,7 @@ def test_quickstart_pipeline_validates():
 
 
 def test_eval_metrics_on_fixed_answers():
-    from align.evaluate import markdown_table, score
+    from align.evaluation.evaluate import markdown_table, score
     from align.tasks.problems import Problem
 
     problems = [Problem(id="m1", task="math", prompt="1+1", answer="2"),
@@ -151,7 +151,7 @@ class ScriptedBackend:
 
 
 def test_multi_turn_eval_puts_the_critic_in_the_loop():
-    from align.evaluate import generate_greedy, markdown_table, multi_turn, score
+    from align.evaluation.evaluate import generate_greedy, markdown_table, multi_turn, score
     from align.tasks.problems import Problem
 
     problems = [Problem(id=f"p{i}", task="math", prompt=f"{i}+{i}", answer=str(2 * i), prefix="") for i in range(4)]
@@ -175,7 +175,7 @@ def test_multi_turn_eval_puts_the_critic_in_the_loop():
 def test_publish_dry_run_card_loads(sft_output, tmp_path):
     from huggingface_hub import ModelCard
 
-    from align.publish import main as publish
+    from align.publishing.publish import main as publish
 
     results = tmp_path / "eval" / "results.json"
     results.parent.mkdir()
@@ -200,7 +200,7 @@ def test_publish_dry_run_card_loads(sft_output, tmp_path):
 
 
 def test_addition_heldout_split_is_disjoint_and_unstructured():
-    from align.quickstart import addition_sft_rows
+    from align.runner.quickstart import addition_sft_rows
     from align.tasks.problems import load_problems
 
     heldout = {p.prompt for p in load_problems("addition:300:999:2:heldout")[0]}
@@ -216,7 +216,7 @@ def test_publish_merge_keeps_the_recipes_dtype(tmp_path):
     """A bfloat16 stage publishes a bfloat16 merged model (it used to be loaded, and merged, in float32)."""
     from safetensors.torch import load_file
 
-    from align.publish import main as publish
+    from align.publishing.publish import main as publish
     from align.sft.train import main as sft
     from conftest import stage_args
 
@@ -231,14 +231,14 @@ def test_publish_merge_keeps_the_recipes_dtype(tmp_path):
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "mixtral-8x22b"])
 def test_real_model_pipelines_check_out(model, capsys, monkeypatch):
     """The real-model pipelines check out, but for their hub models: offline and not in the cache, --check says
-    so in one line (align/model_check.py); with the models taken as there, every stage checks out."""
-    import align.model_check
-    from align.errors import AlignError
-    from align.pipeline import main
+    so in one line (align/train/model_check.py); with the models taken as there, every stage checks out."""
+    import align.train.model_check
+    from align.core.errors import AlignError
+    from align.runner.pipeline import main
 
     with pytest.raises(AlignError, match=r"not in the local Hub cache.*hf download [^ ]+/Mixtral-8x"):
         main([str(REPO / "recipes" / model / "pipeline.yaml"), "--check"])
-    monkeypatch.setattr(align.model_check, "_check_hub", lambda name, *a, **k: align.model_check.ModelInput(name, name))
+    monkeypatch.setattr(align.train.model_check, "_check_hub", lambda name, *a, **k: align.train.model_check.ModelInput(name, name))
     assert main([str(REPO / "recipes" / model / "pipeline.yaml"), "--check"]) == 0
     out = capsys.readouterr().out
     for stage in ("trees (trees): ok", "sft (sft): ok", "nca (nca): ok", "kto (kto): ok", "eval (eval): ok",
@@ -254,7 +254,7 @@ def _checked(tmp_path, stages, **top):
 
 
 def test_check_finds_a_typo_in_the_last_stage_before_anything_runs(tmp_path):
-    from align.pipeline import main
+    from align.runner.pipeline import main
 
     nca = {"name": "nca", "kind": "nca", "recipe": str(REPO / "recipes" / "tiny-mixtral" / "nca.yaml"),
            "set": {"adapter_name_or_path": "${boot}", "betaa": 0.1}}
@@ -287,7 +287,7 @@ def test_check_finds_a_typo_in_the_last_stage_before_anything_runs(tmp_path):
      r"stages\[0\] \(e\): problems: 'math500@': nothing after '@'"),
 ])
 def test_check_names_the_stage_and_key(tmp_path, stages, flags, message):
-    from align.pipeline import main
+    from align.runner.pipeline import main
 
     with pytest.raises(AlignError, match=message):
         main([_checked(tmp_path, stages), "--check", *flags])
@@ -342,7 +342,7 @@ def test_mixtral_pipeline_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     """recipes/mixtral-8x7b/pipeline.yaml as it is, with only the model keys (tiny-mixtral, float32, no bf16),
     the backends (a loopback server that knows the sample problems; the CPU accelerate config) and the sizes
     (2 steps of 4 rows; 3 eval problems of 16 tokens) swapped: trees, export, SFT, NCA, KTO, eval, publish."""
-    from align.pipeline import main
+    from align.runner.pipeline import main
 
     server, url = _Knower.start()
     monkeypatch.setenv("CRITIC_API_KEY", "any-key-will-do")  # the recipe's critic reads its key from there
@@ -380,7 +380,7 @@ def test_mixtral_pipeline_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
 
 
 def test_the_eval_set_is_500_distinct_problems_apart_from_every_training_row_and_its_twin():
-    from align.quickstart import addition_sft_rows
+    from align.runner.quickstart import addition_sft_rows
     from align.tasks.problems import load_problems
 
     def pair(text):
@@ -419,9 +419,9 @@ def test_the_step_critic_names_the_first_wrong_step_without_the_answer():
 def test_model_card_metadata_model_index_and_no_local_paths_pushed(sft_output, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
-    import align.publish
+    import align.publishing.publish
     from align.cli import main
-    from align.publish import main as publish
+    from align.publishing.publish import main as publish
 
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"problems": "addition:500:999:2:heldout", "models": {
@@ -435,7 +435,7 @@ def test_model_card_metadata_model_index_and_no_local_paths_pushed(sft_output, t
     metrics = {m["type"]: m["value"] for r in index["results"] for m in r["metrics"]}
     assert metrics == {"pass@1": 0.7, "pass@2-turns": 0.75}
     pushed = []
-    monkeypatch.setattr(align.publish, "push_folder", lambda folder, repo, **kw: pushed.append(repo) or "url")
+    monkeypatch.setattr(align.publishing.publish, "push_folder", lambda folder, repo, **kw: pushed.append(repo) or "url")
     with pytest.raises(SystemExit):  # a local base and no repo id: refused, before anything is pushed
         main(["publish", str(sft_output), "--repo-id", "me/tiny", "--output", str(tmp_path / "hub2")])
     assert not pushed
@@ -449,7 +449,7 @@ def test_turn2_probe_runs_on_the_char_model(capsys, monkeypatch):
     import importlib.util
     import sys
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     spec = importlib.util.spec_from_file_location("turn2_probe", REPO / "benchmarks" / "turn2_probe.py")
     probe = importlib.util.module_from_spec(spec)

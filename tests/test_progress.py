@@ -8,7 +8,7 @@ import json
 import sys
 import textwrap
 
-from align.progress import PROGRESS_ENV, Progress, describe, read_progress
+from align.core.progress import PROGRESS_ENV, Progress, describe, read_progress
 
 from conftest import REPO
 
@@ -36,7 +36,7 @@ def _slow_child(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from align.progress import Progress
+        from align.core.progress import Progress
         p = Progress("work", 5, "item")
         for i in range(5):
             time.sleep(0.4)
@@ -47,7 +47,7 @@ def _slow_child(tmp_path):
 
 
 def test_align_run_shows_the_stage_progress_in_a_log(tmp_path, monkeypatch, capsys):
-    import align.pipeline as pipeline
+    import align.runner.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.25)
     runner = pipeline.Runner.__new__(pipeline.Runner)
@@ -66,7 +66,7 @@ class _Terminal(io.StringIO):
 
 
 def test_align_run_rewrites_one_line_on_a_terminal(tmp_path, monkeypatch):
-    import align.pipeline as pipeline
+    import align.runner.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "LIVE_S", 0.2)
     terminal = _Terminal()
@@ -104,8 +104,8 @@ def test_trees_and_export_write_progress(tmp_path, monkeypatch):
 
 def test_report_to_all_means_every_installed_tracker():
     """`report_to: all` (transformers' meaning) on eval and trees: the installed trackers accelerate can log to."""
-    from align.extras import TRACKERS, importable
-    from align.tracking import check_trackers
+    from align.train.extras import TRACKERS, importable
+    from align.train.tracking import check_trackers
 
     names = check_trackers("all", "test")
     assert "tensorboard" in names  # a dependency of the tests

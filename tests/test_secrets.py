@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from conftest import REPO, stage_args
 
 HUB_TOKEN = "hf_" + "Zq7Lw2Xc9Vb4Nm1Ks8Jd3Hf6Gt5Ry0Ue"  # the shape of a Hub token (not a real one)
@@ -70,7 +70,7 @@ def fake_hub(monkeypatch):
     ("TOKENIZERS_PARALLELISM", False), ("secret_env", False),
 ])
 def test_which_keys_hold_credentials(name, secret):
-    from align.leaks import secret_key
+    from align.core.leaks import secret_key
 
     assert secret_key(name) is secret
 
@@ -79,8 +79,8 @@ def test_every_recipe_key_of_the_stages_that_holds_a_credential_is_hub_token():
     """The rule against the real option names: of every key a training stage takes, only hub_token."""
     import dataclasses
 
-    from align.config import DataArguments, ModelArguments
-    from align.leaks import secret_key
+    from align.train.config import DataArguments, ModelArguments
+    from align.core.leaks import secret_key
     from align.stages import TRAINING_STAGES
 
     names = {f.name for spec in TRAINING_STAGES.values() for cls in (spec.config_class(), ModelArguments, DataArguments)
@@ -96,14 +96,14 @@ def test_every_recipe_key_of_the_stages_that_holds_a_credential_is_hub_token():
     ("https://host/a:b@c", None), ("https://me:<masked>@host/v1", None), ("see hf_... for a token", None),
 ])
 def test_credential_values_are_told_by_their_shape(text, found):
-    from align.leaks import credential_in
+    from align.core.leaks import credential_in
 
     result = credential_in(text)
     assert (result is None) if found is None else (found in result)
 
 
 def test_mask_keeps_what_is_not_a_credential_and_says_where_the_credentials_were():
-    from align.leaks import MASK, mask, mask_argv, mask_text
+    from align.core.leaks import MASK, mask, mask_argv, mask_text
 
     config = {"hub_token": PLAIN_TOKEN, "pad_token": "<pad>", "max_new_tokens": 64, "use_auth_token": True,
               "env": {"WANDB_API_KEY": TRACKER_KEY, "HF_HOME": "/tmp/hf"},
@@ -120,7 +120,7 @@ def test_mask_keeps_what_is_not_a_credential_and_says_where_the_credentials_were
 
 
 def test_an_error_line_does_not_quote_a_credential(capsys):
-    from align.errors import exit_on_user_error
+    from align.core.errors import exit_on_user_error
 
     @exit_on_user_error
     def fails():
@@ -140,7 +140,7 @@ def test_a_token_given_to_a_stage_reaches_no_file_but_its_push(given, tmp_path, 
     import torch
 
     from align.cli import main
-    from align.leaks import MASK
+    from align.core.leaks import MASK
 
     out = tmp_path / "sft"
     monkeypatch.delenv("ALIGN_TEST_TRACKER_API_KEY", raising=False)  # (the recipe's env: sets it; undone after)
@@ -167,7 +167,7 @@ def test_a_token_given_to_a_stage_reaches_no_file_but_its_push(given, tmp_path, 
     saved = torch.load(out / "checkpoint-1" / "training_args.bin", weights_only=False)
     assert saved.hub_token is None and saved.output_dir == str(out)
     # and a publish of it holds it nowhere either (the stage's own files pass the pattern check: no false alarm)
-    from align.leaks import check_folder
+    from align.core.leaks import check_folder
 
     check_folder(out, patterns=True)
     assert main(["publish", str(out), "--repo-id", "me/tiny", "--dry-run", "--output", str(tmp_path / "hub")]) == 0
@@ -193,13 +193,13 @@ def _secret_pipeline(tmp_path) -> Path:
 def test_the_pipeline_hands_a_stage_its_secrets_in_memory(tmp_path, monkeypatch):
     """What a stage's process reads from its masked recipe.yaml, given the environment the runner starts it
     with: the token itself (the real run below cannot show it: nothing it writes may hold it)."""
-    import align.pipeline
-    from align.config import parse_stage_args
-    from align.leaks import held, recipe_secrets_env
+    import align.runner.pipeline
+    from align.train.config import parse_stage_args
+    from align.core.leaks import held, recipe_secrets_env
 
     started = []
-    monkeypatch.setattr(align.pipeline.Runner, "_run", lambda self, cmd, log, name, secrets=None, **_: started.append(secrets))
-    runner = align.pipeline.Runner(align.pipeline.load_pipeline(str(_secret_pipeline(tmp_path))), "pipeline.yaml")
+    monkeypatch.setattr(align.runner.pipeline.Runner, "_run", lambda self, cmd, log, name, secrets=None, **_: started.append(secrets))
+    runner = align.runner.pipeline.Runner(align.runner.pipeline.load_pipeline(str(_secret_pipeline(tmp_path))), "pipeline.yaml")
     stage = runner.spec["stages"][0]
     folder = tmp_path / "out" / "sft"
     folder.mkdir(parents=True)
@@ -214,8 +214,8 @@ def test_the_pipeline_hands_a_stage_its_secrets_in_memory(tmp_path, monkeypatch)
 
 
 def test_a_token_in_a_pipelines_set_reaches_no_file(tmp_path):
-    from align.leaks import MASK
-    from align.pipeline import main
+    from align.core.leaks import MASK
+    from align.runner.pipeline import main
 
     assert main([str(_secret_pipeline(tmp_path))]) == 0
     out = tmp_path / "out"
@@ -258,7 +258,7 @@ def test_a_push_refuses_a_token_planted_in_a_pickle(kind, sft_output, tmp_path, 
     import torch
     import trl
 
-    from align.publish import push_folder
+    from align.publishing.publish import push_folder
 
     stage = _stage_copy(sft_output, tmp_path)
     target = stage / "training_args.bin"
@@ -274,8 +274,8 @@ def test_a_push_refuses_a_token_planted_in_a_pickle(kind, sft_output, tmp_path, 
 
 def test_publish_masks_a_config_written_before_secrets_were_masked(sft_output, tmp_path):
     """A stage folder from an older align (hub_token in plain text in align_config.yaml) publishes masked."""
-    from align.leaks import MASK
-    from align.publish import main
+    from align.core.leaks import MASK
+    from align.publishing.publish import main
 
     stage = _stage_copy(sft_output, tmp_path)
     config = yaml.safe_load((stage / "align_config.yaml").read_text())
@@ -301,7 +301,7 @@ def test_a_safetensors_file_is_searched_in_its_header_not_its_weights(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from align.leaks import credential_in_file
+    from align.core.leaks import credential_in_file
 
     weights = {"w": torch.randn(64, 64)}
     save_file(weights, tmp_path / "clean.safetensors", metadata={"format": "pt"})

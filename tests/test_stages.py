@@ -14,7 +14,7 @@ from conftest import REPO, logits_of, stage_args
 def _base_model():
     from transformers import AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-mixtral"), dtype=torch.float32)
 
@@ -32,7 +32,7 @@ def _adapter_groups(folder):
 def test_expert_and_router_lora_get_gradients():
     from peft import get_peft_model
 
-    from align.config import ModelArguments
+    from align.train.config import ModelArguments
     from align.moe.lora import build_lora_config, parameter_group
 
     model = get_peft_model(_base_model(), build_lora_config(ModelArguments(lora_r=4), _base_model()))
@@ -129,7 +129,7 @@ def test_merged_model_is_written(tmp_path):
 def test_truncation_report_counts_cut_and_dropped_rows():
     from datasets import Dataset
 
-    from align.training import truncation_report
+    from align.train.training import truncation_report
 
     sft = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 8, [1] * 8, [1] * 3]})
     assert truncation_report(4, sft, 8) == (4, "2 of the 4 rows left reach max_length 8 (cut there if longer) "
@@ -163,7 +163,7 @@ def test_a_stage_says_what_max_length_cut(tmp_path, capsys):
     so, and refuses a max_length that leaves no row at all."""
     import yaml
 
-    from align.errors import AlignError
+    from align.core.errors import AlignError
     from align.sft.train import main
 
     long_prompt = " ".join(["seven plus eight"] * 30)

@@ -19,7 +19,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from conftest import REPO, stage_args
 
 BOOT = REPO / "recipes" / "quickstart" / "bootstrap.yaml"
@@ -101,7 +101,7 @@ def test_sigterm_stops_the_whole_tree_and_a_second_writer_is_refused(tmp_path):
         assert len(tree) >= 2  # accelerate launch, and the `align sft` worker under it
 
         # One writer per stage folder: a second run, and the stage command itself, are refused naming the run.
-        from align.pipeline import main
+        from align.runner.pipeline import main
 
         with pytest.raises(AlignError, match=rf"out/boot: being written by pid {proc.pid} \(align run"):
             main([str(path)])
@@ -124,7 +124,7 @@ def test_sigterm_stops_the_whole_tree_and_a_second_writer_is_refused(tmp_path):
     assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
     assert "boot interrupted (SIGTERM)" in output and "| boot | INTERRUPTED |" in output
     # The worker saved a checkpoint at the next step boundary (save_strategy: "no" notwithstanding), whole.
-    from align.checkpoints import newest_checkpoint
+    from align.train.checkpoints import newest_checkpoint
 
     newest, skipped = newest_checkpoint(boot)
     assert newest is not None and not skipped, output[-2000:]
@@ -147,8 +147,8 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_kill_9_at_a_checkpoint_then_a_rerun_resumes_from_it_equal_to_an_uninterrupted_run(tmp_path):
-    from align.checkpoints import newest_checkpoint
-    from align.pipeline import main
+    from align.train.checkpoints import newest_checkpoint
+    from align.runner.pipeline import main
 
     # the uninterrupted run of the same stage, into another output folder
     straight = tmp_path / "straight"
@@ -200,7 +200,7 @@ def test_kill_9_at_a_checkpoint_then_a_rerun_resumes_from_it_equal_to_an_uninter
 
 def _signal_at_step(monkeypatch, step: int, signum=signal.SIGUSR1):
     """The stage gets `signum` (Slurm's SIGUSR1 before a time limit) as training step `step` ends."""
-    import align.training as training
+    import align.train.training as training
 
     original = training.progress_callback
 
@@ -233,7 +233,7 @@ def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, 
     rerun with resume_from_checkpoint: true ends equal to the uninterrupted run."""
     import importlib
 
-    from align import lifecycle
+    from align.core import lifecycle
 
     main = importlib.import_module({"sft": "align.sft.train", "nca": "align.kto_nca.nca"}[stage]).main
     extra = ("--max_steps", "3", "--save_steps", "2", "--logging_steps", "1")
@@ -260,7 +260,7 @@ def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, 
 
 
 def test_whole_checkpoints_and_the_newest_one(tmp_path):
-    from align.checkpoints import checkpoint_problem, newest_checkpoint
+    from align.train.checkpoints import checkpoint_problem, newest_checkpoint
 
     def checkpoint(step, state=True, weights=("model.safetensors",), state_step=None):
         folder = tmp_path / f"checkpoint-{step}"
@@ -292,7 +292,7 @@ def test_whole_checkpoints_and_the_newest_one(tmp_path):
                        "checkpoint-30 skipped: trainer_state.json is cut off"]
     assert checkpoint_problem(tmp_path / "checkpoint-10") is None
 
-    from align.training import _resume_value
+    from align.train.training import _resume_value
 
     assert _resume_value("true", str(tmp_path)) == str(tmp_path / "checkpoint-20")
     assert _resume_value(None, str(tmp_path)) is None
@@ -308,8 +308,8 @@ def test_a_hub_layout_checkpoint_loads_through_the_conversion_mapping(tmp_path):
     load_state_dict (the Trainer's) would load none of them."""
     from transformers import AutoModelForCausalLM
 
-    from align.checkpoints import load_through_conversion
-    from align.models import resolve_model_path
+    from align.train.checkpoints import load_through_conversion
+    from align.train.models import resolve_model_path
 
     base = resolve_model_path("tiny-mixtral")
     trained = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -336,7 +336,7 @@ def test_sigterm_to_a_two_process_stage_saves_one_checkpoint_and_resumes_equal(t
     """`align sft --accelerate_config multi_cpu` (DDP over gloo): SIGTERM to the command's main process
     reaches both workers, which save at the same step boundary; nothing is left running; the rerun with
     resume_from_checkpoint: true ends equal to the uninterrupted two-process run."""
-    from align.progress import PROGRESS_ENV
+    from align.core.progress import PROGRESS_ENV
 
     def command(out, *extra):
         return [sys.executable, "-m", "align", "sft", *stage_args("sft.yaml", out, "--max_steps", "4", "--logging_steps",
@@ -377,9 +377,9 @@ def test_sigterm_to_a_two_process_stage_saves_one_checkpoint_and_resumes_equal(t
 
 
 def test_a_folder_lock_refuses_a_live_holder_and_is_taken_over_from_a_dead_one(tmp_path):
-    from align import lifecycle
+    from align.core import lifecycle
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from align import lifecycle; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from align.core import lifecycle; "
                                f"lifecycle.lock_folder({str(tmp_path)!r}, 'align sft'); print('held', flush=True); "
                                "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -400,7 +400,7 @@ def test_a_folder_lock_refuses_a_live_holder_and_is_taken_over_from_a_dead_one(t
 
 def test_a_signal_ignored_at_start_stays_ignored():
     """`nohup align run ...` (SIGHUP ignored) goes on when its terminal closes."""
-    from align import lifecycle
+    from align.core import lifecycle
 
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

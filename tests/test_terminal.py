@@ -1,5 +1,5 @@
 """Only align writes to the terminal, whatever the installed libraries log; and no code comes from the Hub
-unless the user opts in (align/environment.py). Every test runs the real entry point in a fresh process."""
+unless the user opts in (align/core/environment.py). Every test runs the real entry point in a fresh process."""
 
 from __future__ import annotations
 

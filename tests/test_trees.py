@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from align.backends import ModelSpec
+from align.evaluation.backends import ModelSpec
 from align.trees.builder import build_trees, parse_trees_config
 from align.trees.store import iter_trees
 
@@ -144,7 +144,7 @@ def test_batched_groups_give_the_trees_of_one_request_at_a_time(tmp_path):
 def test_row_sampler_samples_softmax_within_top_p():
     import torch
 
-    from align.backends import RowSampler
+    from align.evaluation.backends import RowSampler
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
     rows = 20000
@@ -160,7 +160,7 @@ def test_row_sampler_samples_softmax_within_top_p():
 
 
 def test_local_samples_do_not_depend_on_their_batch():
-    from align.backends import LocalBackend
+    from align.evaluation.backends import LocalBackend
 
     backend = LocalBackend(ModelSpec(model="tiny-mixtral", temperature=1.0, max_new_tokens=8))
     chat = lambda text: [{"role": "user", "content": text}]
@@ -174,7 +174,7 @@ def test_local_samples_do_not_depend_on_their_batch():
 
 
 def test_changed_settings_refuse_to_mix(tmp_path):
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     config, actor, critic, limits = _config(tmp_path)
     build_trees(config, actor, critic, limits, actor=OracleBackend(0.5))
@@ -343,7 +343,7 @@ def test_server_errors_are_retried_then_reported(tmp_path):
 
 
 def test_request_timeouts_are_retried(tmp_path):
-    from align.backends import BackendError, ServerBackend
+    from align.evaluation.backends import BackendError, ServerBackend
 
     class Slow(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -385,7 +385,7 @@ def test_tree_against_transformers_serve(tmp_path, capsys):
     server ignores temperature: every turn's samples are one text, and the build says so loudly. With
     do_sample passed in the request (extra_body) the samples differ and the trees get pairs."""
     pytest.importorskip("fastapi")
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
 
     model_dir = resolve_model_path("tiny-mixtral-char")
     port = _free_port()

@@ -90,7 +90,7 @@ def test_a_handbook_recipe_runs_with_only_the_model_changed(tmp_path):
 def test_trl_names_map_onto_ours():
     from trl import SFTConfig
 
-    from align.config import parse_stage_recipe
+    from align.train.config import parse_stage_recipe
 
     recipe = {"model_name_or_path": "tiny-mixtral", "use_peft": True, "torch_dtype": "float32", "use_rslora": True,
               "lora_target_modules": ["q_proj", "v_proj", "w1", "w2", "w3", "gate"], "dataset_name": "org/data",
@@ -119,7 +119,7 @@ def _targets(model_args):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from align.models import resolve_model_path
+    from align.train.models import resolve_model_path
     from align.moe.lora import resolve_lora_targets
 
     with torch.device("meta"):
@@ -130,8 +130,8 @@ def _targets(model_args):
 def test_group_by_length_flag_of_older_transformers():
     from trl import SFTConfig
 
-    from align.config import parse_stage_recipe
-    from align.errors import AlignError
+    from align.train.config import parse_stage_recipe
+    from align.core.errors import AlignError
 
     def strategy(**keys):
         recipe = {"datasets": ["d.jsonl"], "output_dir": "o", **keys}
@@ -151,7 +151,7 @@ def test_group_by_length_flag_of_older_transformers():
                                            (["--group_by_length", "true"], "group_by_length"),
                                            (["--group_by_length", "False"], "random")])
 def test_group_by_length_on_the_command_line(argv, expected):
-    from align.config import parse_stage_args
+    from align.train.config import parse_stage_args
 
     recipe = REPO / "recipes" / "tiny-mixtral" / "sft.yaml"
     args = parse_stage_args(__import__("trl").SFTConfig, ["--config", str(recipe), "--output_dir", "o", *argv])[2]
@@ -163,16 +163,16 @@ def test_group_by_length_on_the_command_line(argv, expected):
 def test_did_you_mean_knows_both_names(key, suggestion):
     from trl import SFTConfig
 
-    from align.config import parse_stage_recipe
-    from align.errors import AlignError
+    from align.train.config import parse_stage_recipe
+    from align.core.errors import AlignError
 
     with pytest.raises(AlignError, match=f"did you mean '{suggestion}'"):
         parse_stage_recipe(SFTConfig, {key: 1, "output_dir": "o"}, "r.yaml", apply_env=False)
 
 
 def test_mixtures_with_fraction_data_files_and_columns(tmp_path):
-    from align.config import DataArguments
-    from align.data import load_training_data
+    from align.train.config import DataArguments
+    from align.train.data import load_training_data
 
     a = tmp_path / "a.jsonl"
     a.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"q{i}"}],

@@ -108,7 +108,7 @@ def test_verify_cli_prints_verdicts_and_tally(tmp_path):
 
 
 def test_bad_problem_rows_are_named(tmp_path):
-    from align.errors import AlignError
+    from align.core.errors import AlignError
     from align.tasks.problems import load_problems
 
     path = tmp_path / "p.jsonl"

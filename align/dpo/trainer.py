@@ -2,7 +2,7 @@
 
 from trl import DPOTrainer
 
-from align.checkpoints import CheckpointMixin
+from align.train.checkpoints import CheckpointMixin
 from align.moe.router_stats import RouterStatsMixin
 
 

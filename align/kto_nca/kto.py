@@ -7,6 +7,6 @@ from __future__ import annotations
 
 
 def main(argv: list[str]):
-    from align.training import run_stage
+    from align.train.training import run_stage
 
     return run_stage("kto", argv)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 
 def check(model_args, data_args, args) -> None:
@@ -11,6 +11,6 @@ def check(model_args, data_args, args) -> None:
 
 
 def main(argv: list[str]):
-    from align.training import run_stage
+    from align.train.training import run_stage
 
     return run_stage("nca", argv)

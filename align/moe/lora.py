@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 PARAM_GROUPS = ("attention", "experts", "router", "other")

@@ -1,6 +1,6 @@
 """`align quantize MODEL OUTPUT`: write a base whose expert stacks are NF4 (QLoRA for MoE), once.
 
-A command above both the model loaders (`align/models.py`) and the NF4 format (`nf4.py`); it was
+A command above both the model loaders (`align/train/models.py`) and the NF4 format (`nf4.py`); it was
 `align.moe.nf4.quantize_main`.
 """
 
@@ -16,7 +16,7 @@ from align.moe.nf4 import find_experts, is_quantized_checkpoint, nf4_stack_count
 def main(argv: list[str] | None = None) -> int:
     """`align quantize MODEL OUTPUT`: write a base whose expert stacks are NF4, once; recipes then name
     OUTPUT as model_name_or_path and load it without quantising (or dequantising) anything."""
-    from align.errors import AlignError, ArgumentParser
+    from align.core.errors import AlignError, ArgumentParser
 
     parser = ArgumentParser(prog="align quantize", description=main.__doc__)
     parser.add_argument("model", help="hub id or folder of a Mixtral-type model (or tiny-mixtral)")
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise AlignError(f"output: {output} exists and is not an empty folder")
-    from align.model_check import check_model
-    from align.models import load_tokenizer, resolve_model_path
+    from align.train.model_check import check_model
+    from align.train.models import load_tokenizer, resolve_model_path
 
     check_model(args.model, "model", tokenizer=False)  # config and weights there, before anything loads
     path = resolve_model_path(args.model)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AlignError(f"model: {args.model} ({type(skeleton).__name__}) has no fused expert stacks to quantise")
     del skeleton
     check_model(args.model, "model", tokenizer=True)  # OUTPUT gets the tokenizer too
-    from align.models import load_with_nf4_experts
+    from align.train.models import load_with_nf4_experts
 
     try:  # each expert quantised as its shard is read: the 16-bit model is never in memory
         model = load_with_nf4_experts(path, {"dtype": getattr(torch, args.dtype)})

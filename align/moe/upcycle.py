@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 log = logging.getLogger("align.upcycle")
 
@@ -162,9 +162,9 @@ def load_dense(name_or_path: str, dtype: str = "auto"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from align.models import _from_pretrained, gguf_location, load_tokenizer, resolve_model_path
+    from align.train.models import _from_pretrained, gguf_location, load_tokenizer, resolve_model_path
 
-    from align.model_check import check_model
+    from align.train.model_check import check_model
 
     path = resolve_model_path(name_or_path)
     folder, gguf = gguf_location(path)
@@ -231,7 +231,7 @@ def upcycle(source: str, output: str, opts: UpcycleOptions, replace: bool = Fals
 
 
 def upcycle_main(argv: list[str]) -> int:
-    from align.errors import ArgumentParser
+    from align.core.errors import ArgumentParser
 
     parser = ArgumentParser(prog="align upcycle", description=(
         "Sparse upcycling: a dense Llama / Mistral model (a folder, a hub id, a .gguf file, or "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from align.errors import AlignError, read_user_text
+from align.core.errors import AlignError, read_user_text
 from align.tasks.problems import Problem
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "critic.txt"

@@ -21,7 +21,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from align.tasks.schema import Problem, collect_problems
 
 
@@ -141,7 +141,7 @@ def hub_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = Non
     name, split, source = parsed
     hub = HUB_SETS[name]
     split = split or hub.split
-    from align.data import load_one
+    from align.train.data import load_one
 
     origin = source or hub.repo
     ds = load_one(origin, split=split, name=hub.config if source is None else None)

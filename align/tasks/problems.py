@@ -15,7 +15,7 @@ import math
 import random
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 from align.tasks.schema import RELEASED_TASK, TASK_PREFIX, TASKS, Problem, collect_problems  # noqa: F401 (re-exported)
 
@@ -230,7 +230,7 @@ def builtin_problems(spec: str) -> list[Problem] | None:
 def read_jsonl(path: str | Path, lenient: bool = False) -> list[tuple[int, object]]:
     """(line number, row) of a jsonl file whose every non-blank line is a JSON object, or one line naming
     the file and line that is not. lenient: such a line comes back as its AlignError instead."""
-    from align.errors import read_user_text
+    from align.core.errors import read_user_text
 
     rows: list[tuple[int, object]] = []
     for i, line in enumerate(read_user_text(path, "jsonl file").splitlines(), 1):
@@ -257,7 +257,7 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
     p = Path(path)
     if p.suffix == ".jsonl" and p.is_file():
         return [(f"{path}:{i}", row) for i, row in read_jsonl(p, lenient=True)]
-    from align.data import load_one
+    from align.train.data import load_one
 
     rows = load_one(path).to_list()
     return [(f"{path}: row {i}", row) for i, row in enumerate(rows)]
@@ -272,7 +272,7 @@ def load_problems(spec: str, skip_bad_rows: bool = False, limit: int | None = No
 
         problems, skipped = hub_problems(spec, skip_bad_rows, limit) or (None, [])
     if problems is None:
-        from align.data import local_form
+        from align.train.data import local_form
 
         path = str(Path(spec).expanduser()) if spec.startswith("~") else spec
         if local_form(spec) and not Path(path).exists():

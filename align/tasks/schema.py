@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 TASKS = ("math", "code", "logic")
 

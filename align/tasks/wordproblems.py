@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 NAMES = ["Tom", "Anna", "Ben", "Maria", "Sam", "Lucy", "Omar", "Mia", "Leo", "Zoe", "Ravi", "Ella"]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "stamps", "shells", "cards", "coins"]

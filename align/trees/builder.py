@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from align.errors import AlignError
-from align.backends import BackendError, ModelSpec, make_backend
+from align.core.errors import AlignError
+from align.evaluation.backends import BackendError, ModelSpec, make_backend
 from align.tasks.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
@@ -58,7 +58,7 @@ class TreesConfig:
 
 
 def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpec, CriticSpec, SandboxLimits]:
-    from align.config import validate_keys
+    from align.train.config import validate_keys
 
     top = TreesConfig(**validate_keys(values, [TreesConfig], source))
     for name in ("actor", "critic", "sandbox"):
@@ -70,7 +70,7 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
         limits = SandboxLimits(**validate_keys(top.sandbox, [SandboxLimits], f"{source}: sandbox"))
     except ValueError as err:
         raise AlignError(f"{source}: {err}") from None
-    from align.tracking import check_trackers
+    from align.train.tracking import check_trackers
 
     top.report_to = check_trackers(top.report_to, source)
     if critic.type not in ("observation", "steps", "llm"):
@@ -95,9 +95,9 @@ def parse_trees_config(values: dict, source: str) -> tuple[TreesConfig, ModelSpe
 
 
 def check_trees_models(actor: ModelSpec, critic: CriticSpec, source: str, produced=None) -> None:
-    """The local actor's (and an LLM critic's) model and adapter are what they say (align/model_check.py),
+    """The local actor's (and an LLM critic's) model and adapter are what they say (align/train/model_check.py),
     before any problem is read or tree written; `produced(path)`: made by an earlier pipeline stage."""
-    from align.model_check import check_adapter, check_model_and_adapter
+    from align.train.model_check import check_adapter, check_model_and_adapter
 
     for name, spec in (("actor", actor), ("critic", critic)):
         if spec.backend != "local" or (name == "critic" and critic.type != "llm"):
@@ -113,7 +113,7 @@ def check_trees_models(actor: ModelSpec, critic: CriticSpec, source: str, produc
 def _check_or_record_settings(out: Path, settings: dict, command: str) -> None:
     """build_info.json records what the trees were built with; a rerun must match it to resume. Recorded
     and compared with its credentials masked (a password in base_urls: docs/secrets.md)."""
-    from align.leaks import mask, mask_text
+    from align.core.leaks import mask, mask_text
 
     settings, command = mask(settings)[0], mask_text(command)
     info_path = out / BUILD_INFO
@@ -224,7 +224,7 @@ class TreeProgress:
     """Trees done, trees/min, pass rate per turn, pairs so far (a bar on a terminal; `align run`'s live line)."""
 
     def __init__(self, total: int, enabled: bool, trackers=None):
-        from align.progress import Progress
+        from align.core.progress import Progress
 
         self.shown = Progress("trees", total, "tree", bar=None if enabled else False)
         self.trackers = trackers
@@ -320,7 +320,7 @@ async def build_trees_async(config: TreesConfig, actor_spec: ModelSpec, critic_s
         raise
     trackers = None
     if config.report_to:
-        from align.tracking import Trackers
+        from align.train.tracking import Trackers
 
         trackers = Trackers(config.report_to, config.run_name, out / "runs", {"problems": config.problems})
     progress = TreeProgress(len(todo), config.progress, trackers)

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from align.errors import AlignError, ArgumentParser
+from align.core.errors import AlignError, ArgumentParser
 
 
 def trees_main(argv: list[str]):
@@ -32,7 +32,7 @@ def trees_main(argv: list[str]):
     command = "align trees " + " ".join(shlex.quote(a) for a in argv)
 
     if args.action == "build":
-        from align.config import load_recipe_file, parse_cli_overrides
+        from align.train.config import load_recipe_file, parse_cli_overrides
         from align.trees.builder import build_trees, check_trees_models, failed_problems_line, parse_trees_config
 
         values = load_recipe_file(args.config)
@@ -133,7 +133,7 @@ def sandbox_main(argv: list[str]):
     r.add_argument("--memory-mb", type=int, default=1024, help="memory of all its processes together (default 1024)")
     args = parser.parse_args(argv)
     limits = _limits("align sandbox run", timeout_s=args.timeout, memory_mb=args.memory_mb)
-    from align.errors import read_user_text
+    from align.core.errors import read_user_text
     from align.tasks.sandbox import run_python
 
     code = read_user_text(args.file, "program")

@@ -12,7 +12,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from align.tasks.problems import RELEASED_TASK
 from align.trees.store import iter_trees
 
@@ -180,7 +180,7 @@ def export_trees(trees_path, output_dir, leaves_only: bool = False, command: str
     """Write the sft, pairs, pairs_ultrainteract and kto configs in the Hub's dataset layout (parquet per
     config, the card's `configs:` naming them), stats.json and the dataset card: the folder loads with
     `load_dataset(folder, name=config)` as it will from the Hub, and each config folder is a stage's data."""
-    from align.progress import Progress
+    from align.core.progress import Progress
 
     progress = Progress("export", 9, "step")
     try:
@@ -201,7 +201,7 @@ def _export(trees_path, output_dir, leaves_only: bool, command: str, progress) -
     sft = sft_rows(trees, leaves_only)
     pairs = pair_rows(trees)
     kto = kto_rows(trees)
-    from align.leaks import check_rows
+    from align.core.leaks import check_rows
 
     for name, rows in (("sft", sft), ("pairs", pairs), ("kto", kto)):
         progress.note(f"secrets check: {name} ({len(rows)} rows)")
@@ -314,8 +314,8 @@ def push_export(folder: str, repo_id: str, private: bool = True) -> str:
     from datasets import Dataset
     from huggingface_hub import DatasetCard
 
-    from align.leaks import check_folder
-    from align.hub import hub_call
+    from align.core.leaks import check_folder
+    from align.core.hub import hub_call
 
     if "/" not in repo_id:
         raise AlignError(f"--push-to-hub: {repo_id!r} should look like ORG/NAME")
@@ -349,7 +349,7 @@ def _released_row_problem(row: dict) -> str | None:
 
 def import_released(path: str, output_dir: str) -> int:
     """Released UltraInteract_pair rows (parquet/jsonl/datasets folder) back into trees.jsonl."""
-    from align.data import load_one
+    from align.train.data import load_one
     from align.trees.store import TreeStore
 
     rows = load_one(path).to_list()

@@ -171,7 +171,7 @@ def iter_trees(path: str | os.PathLike) -> Iterator[dict]:
                     tree = None
                 problem = tree_problem(tree)
                 if problem is not None:
-                    from align.errors import AlignError
+                    from align.core.errors import AlignError
 
                     raise AlignError(f"{path}:{number}: not a tree ({problem}); delete that line to resume, "
                                      "the tree is then built again")

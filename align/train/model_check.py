@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -95,7 +95,7 @@ def has_tokenizer(folder) -> bool:
 
 
 def tiny_path(name: str, say: str = "model_name_or_path") -> str | None:
-    from align.tiny_mixtral import TINY_CHAR_MODEL_NAME, TINY_MODEL_NAME, tiny_mixtral_path
+    from align.core.tiny_mixtral import TINY_CHAR_MODEL_NAME, TINY_MODEL_NAME, tiny_mixtral_path
 
     base, colon, seed = name.partition(":")
     if base not in (TINY_MODEL_NAME, TINY_CHAR_MODEL_NAME):
@@ -293,7 +293,7 @@ def _check_hub(name: str, say: str, tokenizer: bool, revision: str | None, trust
 def check_model(name, key: str = "model_name_or_path", where: str | None = None, *, tokenizer: bool = True,
                 revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None) -> ModelInput:
     """Resolve and check one model input, cheaply: AlignError (one line) when it is not a usable model."""
-    from align.data import local_form
+    from align.train.data import local_form
 
     say = _prefix(where, key)
     if not isinstance(name, str) or not name.strip():
@@ -404,7 +404,7 @@ def _misfit(shapes: dict[str, list[int]], model_skeleton) -> str | None:
 
 def _identity(name: str):
     """What a model name points at, for telling whether two names are one model: a resolved folder, else the id."""
-    from align.data import local_form
+    from align.train.data import local_form
 
     try:
         tiny = tiny_path(name, "")

@@ -1,5 +1,5 @@
-"""Credential patterns and masking, with no other align import: what `align.errors` (the one-line errors),
-`align.leaks` (the checks before an export or a push) and the config writers share. See align/leaks.py for
+"""Credential patterns and masking, with no other align import: what `align.core.errors` (the one-line errors),
+`align.core.leaks` (the checks before an export or a push) and the config writers share. See align/core/leaks.py for
 what is looked for and why; docs/secrets.md is the user's page."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 # report_to backend -> (modules any one of which makes it available, what to install)
 TRACKERS = {
@@ -71,7 +71,7 @@ def check_training_extras(args, source: str) -> None:
 def check_accelerate_config(path: str | Path, source: str | None = None) -> dict:
     """An accelerate config file: readable YAML with a known distributed_type, and DeepSpeed installed if it
     asks for DeepSpeed. Returns the config."""
-    from align.config import load_recipe_file
+    from align.train.config import load_recipe_file
 
     path = Path(path)
     where = source or str(path)

@@ -14,8 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.errors import AlignError
-from align.backends import BackendError
+from align.core.errors import AlignError
+from align.evaluation.backends import BackendError
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
 from align.tasks.verifiers import verify
@@ -63,7 +63,7 @@ class _ServerBatches:
     def __init__(self, spec, role: str = "eval"):
         import asyncio
 
-        from align.backends import ServerBackend
+        from align.evaluation.backends import ServerBackend
 
         self.loop = asyncio.new_event_loop()
         self.backend = ServerBackend(spec)
@@ -96,7 +96,7 @@ class _ServerBatches:
 
 def make_eval_backend(m: dict, max_new_tokens: int):
     """Greedy decoding of one eval model: local (transformers, optional adapter) or served."""
-    from align.backends import LocalBackend, ModelSpec
+    from align.evaluation.backends import LocalBackend, ModelSpec
 
     if m.get("backend", "local") == "server":
         spec = ModelSpec(backend="server", model=m["model"], base_urls=list(m.get("base_urls") or []), temperature=0.0,
@@ -109,7 +109,7 @@ def make_eval_backend(m: dict, max_new_tokens: int):
 
 def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     """The eval settings checked (keys, types, ranges, each model's entry) before any model loads."""
-    from align.config import validate_keys
+    from align.train.config import validate_keys
 
     for key in ("problems", "models"):
         if key not in spec:
@@ -151,17 +151,17 @@ def parse_eval_config(spec: dict, where: str) -> EvalConfig:
     if config.samples and max(config.pass_k) > config.samples:
         raise AlignError(f"{where}: key 'pass_k': k={max(config.pass_k)} needs at least that many samples "
                          f"(samples: {config.samples})")
-    from align.tracking import check_trackers
+    from align.train.tracking import check_trackers
 
     config.report_to = check_trackers(config.report_to, where)
     return config
 
 
 def check_eval_models(config: EvalConfig, where: str, produced=None) -> None:
-    """Each local model (and adapter) is what it says (align/model_check.py), before any problem loads. An
+    """Each local model (and adapter) is what it says (align/train/model_check.py), before any problem loads. An
     adapter that does not exist yet (a stage not run) skips its model, as the eval does; `produced(path)`:
     made by an earlier pipeline stage, checked when it exists."""
-    from align.model_check import check_adapter, check_model_and_adapter
+    from align.train.model_check import check_adapter, check_model_and_adapter
 
     for name, m in config.models.items():
         if m.get("backend", "local") != "local":
@@ -183,7 +183,7 @@ def set_labels(names: list[str]) -> dict[str, str]:
     """A short name for each configured problem set, for the tables, the trackers and the model card: a
     standard set as NAME[:SPLIT] (read from a mirror too), a local file or folder by as many of its last
     path parts as tell it from the other sets' (never the whole local path), anything else as written."""
-    from align.data import local_form
+    from align.train.data import local_form
     from align.tasks.hub_sets import parse_spec
 
     labels, local = {}, {}
@@ -353,8 +353,8 @@ def markdown_table(results: dict) -> str:
 
 
 def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
-    from align.progress import Progress
-    from align.tracking import Trackers
+    from align.core.progress import Progress
+    from align.train.tracking import Trackers
 
     config = parse_eval_config(spec, where)
     check_eval_models(config, where)
@@ -413,15 +413,15 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         trackers.log({name: {k: v for k, v in r.items() if k not in ("model", "adapter")}
                       for name, r in results["models"].items()})
         trackers.close()
-    from align.plots import make_plots
+    from align.evaluation.plots import make_plots
 
     make_plots(config.runs, config.trees, output / "plots")
     return results
 
 
 def main(argv: list[str]):
-    from align.config import load_recipe_file
-    from align.errors import ArgumentParser
+    from align.train.config import load_recipe_file
+    from align.core.errors import ArgumentParser
 
     parser = ArgumentParser(prog="align eval")
     parser.add_argument("--config", required=True, help="problems, models {name: {model, adapter}}, runs, trees")

@@ -25,9 +25,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
-from align.redact import (  # noqa: F401  (re-exported: align.leaks is where callers look)
+from align.core.redact import (  # noqa: F401  (re-exported: align.core.leaks is where callers look)
     SECRET_NAME,
     MIN_SECRET_LENGTH,
     MASK,

@@ -24,6 +24,7 @@ callers fall back to their built-in code) and sets `USE_HUB_KERNELS=NO` for tran
 
 from __future__ import annotations
 
+import atexit
 import importlib.abc
 import io
 import logging
@@ -129,7 +130,7 @@ def _is_align(name: str) -> bool:
 
 
 def log_level() -> str:
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     if not isinstance(logging.getLevelName(level), int):
@@ -157,7 +158,7 @@ class LibraryLog:
             return "stderr"
         if value:
             return Path(value).expanduser()
-        from align.tiny_mixtral import default_home
+        from align.core.tiny_mixtral import default_home
 
         return default_home() / "logs" / f"{self.command}.log"
 
@@ -171,9 +172,10 @@ class LibraryLog:
                 sys.stderr.write(text + "\n")
             return
         try:
-            if self._file is None or self._path != where:
+            if self._file is None or self._file.closed or self._path != where:
                 where.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(where, "a", encoding="utf-8")
+                atexit.register(self._file.close)  # closed before the interpreter tears its modules down
                 self._path = where
                 self._file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: "
                                  f"align {' '.join(sys.argv[1:])[:300]}\n")

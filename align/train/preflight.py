@@ -15,7 +15,7 @@ import copy
 import logging
 import tempfile
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 logger = logging.getLogger("align")
 
@@ -40,8 +40,8 @@ def check_stage_settings(spec, model_args, data_args, args, source: str, produce
     """The recipe checks a stage makes before loading anything, which the pipeline's --check makes too: the
     stage's own, the model's and adapter's, the extras' and the eval settings'. `produced(path)`: a path an
     earlier pipeline stage makes, not there to check yet."""
-    from align.extras import check_training_extras
-    from align.models import check_model_args
+    from align.train.extras import check_training_extras
+    from align.train.models import check_model_args
 
     check = spec.check_function()
     if check is not None:
@@ -53,9 +53,9 @@ def check_stage_settings(spec, model_args, data_args, args, source: str, produce
 
 
 def check_stage_model(model_args, args, source: str, produced=None) -> None:
-    """The model and starting adapter are what they say (align/model_check.py), and a dense model is not asked
+    """The model and starting adapter are what they say (align/train/model_check.py), and a dense model is not asked
     for expert or router LoRA: before the data is prepared."""
-    from align.model_check import check_adapter, check_experts, check_model, has_tokenizer
+    from align.train.model_check import check_adapter, check_experts, check_model, has_tokenizer
 
     name, adapter = model_args.model_name_or_path, model_args.adapter_name_or_path
     if produced is not None and produced(name):  # made by an earlier stage: checked when that stage has run
@@ -100,7 +100,7 @@ def check_lora_targets(model_args, model_path: str, source: str = "recipe") -> N
 def _stand_in_config(model_path: str):
     from transformers import AutoConfig
 
-    from align.models import gguf_location
+    from align.train.models import gguf_location
 
     folder, gguf = gguf_location(model_path)
     config = copy.deepcopy(AutoConfig.from_pretrained(folder, **gguf))

@@ -12,7 +12,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 
 class BackendError(RuntimeError):
@@ -128,8 +128,8 @@ class LocalBackend:
     run in, never on timing. The tree builder makes that batch a fixed group of trees."""
 
     def __init__(self, spec: ModelSpec):
-        from align.model_check import check_model_and_adapter, has_tokenizer
-        from align.models import load_for_generation, load_tokenizer, resolve_model_path
+        from align.train.model_check import check_model_and_adapter, has_tokenizer
+        from align.train.models import load_for_generation, load_tokenizer, resolve_model_path
 
         check_model_and_adapter(spec.model, spec.adapter)  # one line, not a traceback from the load below
         path = resolve_model_path(spec.model)
@@ -156,9 +156,9 @@ class LocalBackend:
                 seeds.append(seed + i)
         if not chats:
             return []
-        from align.chat import prompt_text
+        from align.train.chat import prompt_text
 
-        # the model's own template, a system message placed as training placed it (align/chat.py); tokenized as
+        # the model's own template, a system message placed as training placed it (align/train/chat.py); tokenized as
         # apply_chat_template tokenizes its rendering (no special tokens added: the template writes them)
         enc = self.tokenizer([prompt_text(self.tokenizer, chat) for chat in chats], add_special_tokens=False,
                              padding=True, return_tensors="pt")

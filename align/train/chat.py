@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 logger = logging.getLogger("align")
 

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE_ENV = "ALIGN_STOP_GRACE"

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from align.errors import AlignError, read_user_text
+from align.core.errors import AlignError, read_user_text
 
 
 @dataclass
@@ -265,7 +265,7 @@ def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise AlignError(f"{path}: key {bad[0]!r} is not a name (recipe keys are strings)")
-    from align.leaks import restore
+    from align.core.leaks import restore
 
     return restore(path, data)  # the secrets a pipeline wrote masked and handed this process in memory
 
@@ -598,9 +598,9 @@ def parse_stage_recipe(train_config_cls, recipe: dict[str, Any], source: str, ov
 def hold_secrets(train_args) -> None:
     """Take the credentials off the training arguments before a Trainer pickles them (training_args.bin in
     the output folder and every checkpoint): a key that holds one (hub_token) is kept in this process's
-    memory only (align.leaks.held: the stage's own push uses it) and set to None; a credential-looking value
+    memory only (align.core.leaks.held: the stage's own push uses it) and set to None; a credential-looking value
     in any other option (no training option needs one) is masked. docs/secrets.md says why."""
-    from align.leaks import credential_in, hold, mask_text, secret_key
+    from align.core.leaks import credential_in, hold, mask_text, secret_key
 
     for f in dataclasses.fields(train_args):
         value = getattr(train_args, f.name, None)
@@ -617,8 +617,8 @@ def hold_secrets(train_args) -> None:
 
 def resolved_config(model_args, data_args, train_args) -> dict[str, Any]:
     """Every option the stage ran with, as plain YAML-able values (written next to the adapter), with its
-    credentials masked (align.leaks.mask; a hub_token the stage holds in memory reads as masked)."""
-    from align.leaks import MASK, held, mask, secret_key
+    credentials masked (align.core.leaks.mask; a hub_token the stage holds in memory reads as masked)."""
+    from align.core.leaks import MASK, held, mask, secret_key
 
     def plain(obj):
         out = {}

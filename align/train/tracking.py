@@ -1,15 +1,15 @@
 """Metrics of the stages that are not training (trees, eval) to the trackers named in `report_to`, through
 accelerate's trackers (the ones TRL's trainers use too): TensorBoard, Weights & Biases, Trackio, MLflow,
 and the others accelerate knows. A tracker that is not installed is a one-line error before any model
-loads (align/extras.py); a tracker that fails while logging is a warning, never lost work."""
+loads (align/train/extras.py); a tracker that fails while logging is a warning, never lost work."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from align.errors import AlignError
-from align.extras import check_report_to
+from align.core.errors import AlignError
+from align.train.extras import check_report_to
 
 
 def _known() -> dict:
@@ -23,7 +23,7 @@ def check_trackers(report_to, source: str) -> list[str]:
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names = [n for n in names if n not in ("none", "", None)]
     if "all" in names:  # as in transformers: every tracker that is installed
-        from align.extras import TRACKERS, importable
+        from align.train.extras import TRACKERS, importable
 
         names = [n for n in sorted(_known()) if n in TRACKERS and importable(*TRACKERS[n][0])]
     check_report_to(names, source)

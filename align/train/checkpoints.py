@@ -21,7 +21,7 @@ import logging
 import re
 from pathlib import Path
 
-from align import lifecycle
+from align.core import lifecycle
 
 logger = logging.getLogger("align")
 
@@ -140,7 +140,7 @@ def load_through_conversion(model, weights_file: Path) -> None:
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
 
-    from align.errors import AlignError
+    from align.core.errors import AlignError
 
     state_dict = load_file(str(weights_file), device="cpu")
     # The loader puts new Parameters in the model; the values go into the model's own tensors instead (their

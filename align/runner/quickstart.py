@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from align.tasks.critic import feedback_turn, step_critique
 from align.tasks.problems import addition_problems
 

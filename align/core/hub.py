@@ -3,7 +3,7 @@ export's `--push-to-hub`): below all of them, so none imports another for it."""
 
 from __future__ import annotations
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 
 def hub_call(what: str, fn, *args, **kwargs):

@@ -37,7 +37,7 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except AlignError as err:
-            from align.redact import mask_text
+            from align.core.redact import mask_text
 
             message = mask_text(" ".join(str(err).split("\n")))  # a credential a bad value quotes stays out of logs
             rank = launch_rank()
@@ -95,7 +95,7 @@ def _hand_to_launcher(line: str) -> None:
 def warnings_unless_user_error():
     """Hold back the warnings raised inside (libraries warn while parsing configs, e.g. about their own
     deprecated defaults): re-issued as usual when the block succeeds; when it ends in an AlignError, whose
-    one line must stay the only line, they go to the library log only (align/environment.py)."""
+    one line must stay the only line, they go to the library log only (align/core/environment.py)."""
     import logging
 
     try:

@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from align.data import local_form
-from align.errors import AlignError
-from align.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE
+from align.train.data import local_form
+from align.core.errors import AlignError
+from align.core.tiny_mixtral import MIXTRAL_CHAT_TEMPLATE
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
-from align.model_check import PACKAGED_MODELS, packaged_model_path  # noqa: E402,F401  (re-exported)
+from align.train.model_check import PACKAGED_MODELS, packaged_model_path  # noqa: E402,F401  (re-exported)
 
 
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """`tiny-mixtral` / `tiny-mixtral-char` (optionally `:SEED`) become their folders; anything else passes.
     With `gguf_file` (transformers' key: a file inside the folder or hub repo) the result is FOLDER/FILE.gguf,
     the form a `.gguf` path takes everywhere here (see gguf_location)."""
-    from align.model_check import tiny_path
+    from align.train.model_check import tiny_path
 
     if gguf_file:
         if not str(gguf_file).lower().endswith(".gguf"):
@@ -109,7 +109,7 @@ def load_tokenizer(model_path: str, chat_template_path: str | None = None, revis
 
 def read_chat_template(path: str) -> str:
     """A Jinja template file, or a tokenizer folder's chat_template.jinja (TRL's chat_template_path)."""
-    from align.errors import read_user_text
+    from align.core.errors import read_user_text
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -128,7 +128,7 @@ def _from_pretrained(model_path: str, **kwargs):
     if gguf:
         if "quantization_config" in kwargs:
             raise AlignError(f"model_name_or_path: {model_path} is a GGUF file; load_in_4bit does not apply to it")
-        logging.getLogger("align.models").info(describe_gguf(model_path))
+        logging.getLogger("align.train.models").info(describe_gguf(model_path))
         model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
         # the weights are plain tensors now: a saved copy must not claim to be a GGUF file
         model.config.__dict__.pop("quantization_config", None)

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import yaml
 
-from align import lifecycle
-from align.config import load_recipe_file
-from align.data import local_form
-from align.environment import LIBRARY_LOG_ENV
-from align.errors import AlignError
+from align.core import lifecycle
+from align.train.config import load_recipe_file
+from align.train.data import local_form
+from align.core.environment import LIBRARY_LOG_ENV
+from align.core.errors import AlignError
 from align.stages import TRAINING_STAGES
 
 KINDS = ("data", "upcycle", "trees", *TRAINING_STAGES, "eval", "publish")
@@ -50,7 +50,7 @@ REF = re.compile(r"\$\{([A-Za-z0-9_-]+)\}")
 class DataStage:
     """kind: data, a built-in generator writing <stage>/train.jsonl."""
 
-    generator: str = field(default="addition-sft", metadata={"help": "One of align.quickstart.GENERATORS."})
+    generator: str = field(default="addition-sft", metadata={"help": "One of align.runner.quickstart.GENERATORS."})
     n: int = field(default=20000, metadata={"help": "Rows.", "range": (1, None)})
     seed: int = field(default=0, metadata={"help": "Seed of the generator."})
     digits: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Operand digit counts, mixed evenly."})
@@ -97,14 +97,14 @@ class PublishStage:
 
 
 def stage_settings_class(kind: str):
-    from align.evaluate import EvalConfig
+    from align.evaluation.evaluate import EvalConfig
 
     return {"data": DataStage, "upcycle": UpcycleStage, "eval": EvalConfig, "publish": PublishStage}.get(kind, RecipeStage)
 
 
 def load_pipeline(path: str) -> dict:
     """The pipeline file, every stage's own keys checked against its kind (its recipe: see check_pipeline)."""
-    from align.config import validate_keys
+    from align.train.config import validate_keys
 
     spec = load_recipe_file(path)
     unknown = set(spec) - {"output_dir", "accelerate_config", "stages", "seed"}
@@ -139,7 +139,7 @@ def load_pipeline(path: str) -> dict:
         settings = {k: v for k, v in stage.items() if k not in COMMON_KEYS}
         cls = stage_settings_class(stage["kind"])
         if stage["kind"] == "eval":
-            from align.evaluate import parse_eval_config
+            from align.evaluation.evaluate import parse_eval_config
 
             parse_eval_config(settings, where)
         else:
@@ -155,13 +155,13 @@ def load_pipeline(path: str) -> dict:
             if stage.get("accelerate_config"):
                 if stage["kind"] not in TRAINING_STAGES:
                     raise AlignError(f"{where}: key 'accelerate_config' is for training stages only")
-                from align.extras import check_accelerate_config
+                from align.train.extras import check_accelerate_config
 
                 check_accelerate_config(stage["accelerate_config"], f"{where}: accelerate_config")
             if not isinstance(stage.get("set") or {}, dict):
                 raise AlignError(f"{where}: key 'set' must be a mapping of recipe keys")
         if stage["kind"] == "data":
-            from align.quickstart import GENERATORS
+            from align.runner.quickstart import GENERATORS
 
             if stage.get("generator", "addition-sft") not in GENERATORS:
                 raise AlignError(f"{where}: generator must be one of {', '.join(GENERATORS)}, got {stage.get('generator')!r}")
@@ -184,7 +184,7 @@ def load_pipeline(path: str) -> dict:
                 raise AlignError(f"{where}: repo_id {stage.get('repo_id')!r} should look like ORG/NAME")
         names.append(stage["name"])
     if spec.get("accelerate_config"):
-        from align.extras import check_accelerate_config
+        from align.train.extras import check_accelerate_config
 
         check_accelerate_config(spec["accelerate_config"], f"{path}: accelerate_config")
     return spec
@@ -217,7 +217,7 @@ def _has_gpu() -> bool:
 
 def _clear_folder(folder: Path) -> None:
     """Remove a stage folder's contents, all but its lock (which this run holds)."""
-    from align.lifecycle import LOCK_NAME
+    from align.core.lifecycle import LOCK_NAME
 
     for path in folder.iterdir():
         if path.name == LOCK_NAME:
@@ -257,7 +257,7 @@ class Runner:
         if stage["kind"] == "publish":  # publishes `source`, with the eval stage's table and plots in its card
             refs |= {stage.get("source")} | ({"eval"} & set(self.folders))
         refs = sorted(r for r in refs if r)
-        from align.leaks import mask
+        from align.core.leaks import mask
 
         # over the masked stage: a token or password changes nothing a stage makes (and its hash is written)
         payload = {"stage": mask(resolved)[0], "inputs": {r: self.hashes.get(r) for r in refs}}
@@ -297,7 +297,7 @@ class Runner:
             elif kind in TRAINING_STAGES:
                 self._check_training(kind, resolved["resolved_recipe"], f"{where}: {stage['recipe']}")
             elif kind == "eval":
-                from align.evaluate import check_eval_models, parse_eval_config
+                from align.evaluation.evaluate import check_eval_models, parse_eval_config
 
                 config = parse_eval_config({k: v for k, v in resolved.items() if k not in COMMON_KEYS}, where)
                 self._check_problems(config.problems, where)
@@ -317,7 +317,7 @@ class Runner:
         return lines
 
     def _check_upcycle(self, model: str, where: str) -> None:
-        from align.models import PACKAGED_MODELS, resolve_model_path
+        from align.train.models import PACKAGED_MODELS, resolve_model_path
 
         if model in PACKAGED_MODELS:
             try:
@@ -360,8 +360,8 @@ class Runner:
                 raise AlignError(f"{where}: {role}: environment variable {spec.api_key_env} (api_key_env) is not set")
 
     def _check_training(self, kind: str, recipe: dict, where: str) -> None:
-        from align.config import parse_stage_recipe
-        from align.preflight import check_stage_settings
+        from align.train.config import parse_stage_recipe
+        from align.train.preflight import check_stage_settings
         from align.stages import training_stage
 
         spec = training_stage(kind)
@@ -374,7 +374,7 @@ class Runner:
         check_stage_settings(spec, model_args, data_args, args, where, self.produced)
         if not data_args.datasets:
             raise AlignError(f"{where}: key 'datasets' is empty; name at least one dataset")
-        from align.data import _spec
+        from align.train.data import _spec
 
         for j, item in enumerate(data_args.datasets):
             self._exists_or_produced(str(_spec(item, j)["path"]), where, f"datasets[{j}]")
@@ -382,12 +382,12 @@ class Runner:
     # ------------------------------------------------------------ execution
     def _run(self, cmd: list[str], log: Path, name: str, secrets: dict | None = None, launcher: bool = False) -> None:
         """Run one command of a stage, its whole output into `log`; meanwhile show the stage's progress
-        (align/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S.
-        `secrets` ({file: what align.leaks.mask found}) go to the command in its environment, not a file.
-        A stop signal stops the command's whole tree of processes (align/lifecycle.py; `launcher`: the
+        (align/core/progress.py): one line rewritten in place on a terminal, else a line every HEARTBEAT_S.
+        `secrets` ({file: what align.core.leaks.mask found}) go to the command in its environment, not a file.
+        A stop signal stops the command's whole tree of processes (align/core/lifecycle.py; `launcher`: the
         command is `accelerate launch`, whose workers get the signal) and raises Interrupted."""
-        from align.leaks import mask_argv, recipe_secrets_env
-        from align.progress import PROGRESS_ENV, read_progress
+        from align.core.leaks import mask_argv, recipe_secrets_env
+        from align.core.progress import PROGRESS_ENV, read_progress
 
         progress_file = log.parent / "progress.json"
         progress_file.unlink(missing_ok=True)  # (an earlier command's, or an interrupted attempt's)
@@ -430,7 +430,7 @@ class Runner:
             raise StageFailed(name, log, code)
 
     def execute(self, stage: dict, resolved: dict, folder: Path, resume_from: Path | None = None) -> list[str]:
-        from align.leaks import mask
+        from align.core.leaks import mask
 
         kind, log = stage["kind"], folder / "log.txt"
         recipe_path = folder / "recipe.yaml"
@@ -439,7 +439,7 @@ class Runner:
             recipe, secrets[str(recipe_path)] = mask(resolved["resolved_recipe"])
             recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         if kind == "data":
-            from align.quickstart import write_generated_data
+            from align.runner.quickstart import write_generated_data
 
             return [write_generated_data(resolved, folder)]
         if kind == "upcycle":
@@ -450,7 +450,7 @@ class Runner:
             self._run(cmd, log, stage["name"])
             return [str(folder)]
         if kind in TRAINING_STAGES:
-            from align.launch import accelerate_command
+            from align.train.launch import accelerate_command
 
             config_file = stage.get("accelerate_config") or self.spec.get("accelerate_config")
             stage_argv = ["--config", str(recipe_path)]
@@ -540,7 +540,7 @@ class Runner:
             # or failed attempt, whose partial work the stage resumes from: finished trees, checkpoints.)
             _clear_folder(folder)
         elif record and stage["kind"] in TRAINING_STAGES:
-            from align.checkpoints import newest_checkpoint, resume_line
+            from align.train.checkpoints import newest_checkpoint, resume_line
 
             resume_from, skipped = newest_checkpoint(folder)
             for note in skipped:
@@ -548,7 +548,7 @@ class Runner:
             if resume_from is not None:
                 print(f"[align] run: {resume_line(name, resume_from)}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
-        from align.leaks import mask
+        from align.core.leaks import mask
 
         (folder / "resolved.yaml").write_text(yaml.safe_dump(mask(resolved)[0], sort_keys=False))
         (folder / "log.txt").write_text("")
@@ -605,7 +605,7 @@ class StageFailed(Exception):
 
 
 def main(argv: list[str]):
-    from align.errors import ArgumentParser
+    from align.core.errors import ArgumentParser
 
     parser = ArgumentParser(prog="align run")
     parser.add_argument("pipeline")

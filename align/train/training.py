@@ -15,18 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from align.config import parse_stage_args, resolved_config
-from align.data import load_training_data
-from align.errors import AlignError, warnings_unless_user_error
-from align.launch import check_sharding
-from align.models import load_model, load_tokenizer, resolve_model_path
+from align.train.config import parse_stage_args, resolved_config
+from align.train.data import load_training_data
+from align.core.errors import AlignError, warnings_unless_user_error
+from align.train.launch import check_sharding
+from align.train.models import load_model, load_tokenizer, resolve_model_path
 from align.moe.fused_lora import apply_moe_lora_backend
 from align.moe.lora import build_lora_config, format_targets_report, format_trainable_report, resolve_lora_targets
 
 logger = logging.getLogger("align")
 
 # transformers 5.25 renamed gradient checkpointing to activation checkpointing; recipes' old keys are mapped to
-# the new ones (align/config.py), but PEFT and TRL still read the model's old `is_gradient_checkpointing`, whose
+# the new ones (align/train/config.py), but PEFT and TRL still read the model's old `is_gradient_checkpointing`, whose
 # FutureWarning would then show on every run about a name no recipe chose.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -36,7 +36,7 @@ RESOLVED_CONFIG_NAME = "align_config.yaml"
 def _resume_value(value, output_dir: str):
     """`--resume_from_checkpoint` alone (or `true`) means the newest whole checkpoint in output_dir (one cut
     off by a kill is skipped); a folder must be a whole checkpoint."""
-    from align.checkpoints import checkpoint_problem, newest_checkpoint
+    from align.train.checkpoints import checkpoint_problem, newest_checkpoint
 
     if value is None or value is False:
         return None
@@ -62,7 +62,7 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
     """Parse and validate the recipe, then load the data: everything that can fail before a model loads
     (`preflight`: and the trainer on a stand-in model, which the launcher of several processes leaves to
     them: it would hold a GPU for the whole run)."""
-    from align.preflight import check_lora_targets, check_stage_settings, preflight_trainer, quiet_libraries
+    from align.train.preflight import check_lora_targets, check_stage_settings, preflight_trainer, quiet_libraries
     from align.stages import training_stage
 
     spec = training_stage(stage)
@@ -76,14 +76,14 @@ def prepare_stage(stage: str, argv: list[str], preflight: bool = True):
         sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                    if os.environ.get(var, "").lower() == "true"]
         if check_sharding(sharded[0] if sharded else None, source):
-            from align import cpu_fsdp
+            from align.train import cpu_fsdp
 
             cpu_fsdp.enable()  # sharded over gloo on the CPUs (a check of sharded training, not for speed)
         if world > 1 and args.world_size != world:
             raise AlignError(f"{source}: {world} processes were launched, but they would not train together "
                              f"(distributed: {args.parallel_mode.value}); an FSDP or DeepSpeed config needs GPUs: on a "
                              "CPU machine launch with recipes/accelerate/multi_cpu.yaml")
-        from align import lifecycle
+        from align.core import lifecycle
 
         if os.environ.get("RANK", "0") == "0":  # one writer per output folder (a launching ancestor may hold it)
             lifecycle.lock_folder(args.output_dir, f"align {stage}")
@@ -108,13 +108,13 @@ def _template_source(model_args, args, model_path: str) -> str:
 
 
 def render_stage_rows(stage: str, dataset, tokenizer, args, source: str):
-    """The rows as the model's own chat template renders them (align/chat.py). SFT with assistant_only_loss on a
+    """The rows as the model's own chat template renders them (align/train/chat.py). SFT with assistant_only_loss on a
     template TRL cannot mask (no {% generation %} markers, not one TRL patches): every row tokenized here, each
     assistant turn cut out and checked, and TRL trains on those masks (`trainer_args` then turns its own
     assistant_only_loss off); other SFT rows: a system message placed as the template places it. Preference
     stages: each prompt's system message placed so, and the template checked to render a prompt the same with
     and without its completions."""
-    from align import chat
+    from align.train import chat
 
     if stage == "sft":
         args._align_own_masks = False
@@ -142,7 +142,7 @@ def trainer_args(args):
 def _stage_tokenizer(model_args, args, model_path: str):
     """The starting adapter's tokenizer (it carries the chat template training used), else the model's (at
     model_revision); TRL's chat_template_path replaces the template."""
-    from align.model_check import has_tokenizer
+    from align.train.model_check import has_tokenizer
 
     adapter = model_args.adapter_name_or_path
     source = adapter if adapter and has_tokenizer(adapter) else model_path
@@ -162,15 +162,15 @@ def run_stage(stage: str, argv: list[str]):
     `--help` / `-h` prints every recipe key instead; `--accelerate_config NAME|FILE` validates the recipe,
     then runs the stage under `accelerate launch` with that config."""
     if "--help" in argv or "-h" in argv:
-        from align.config import stage_help
+        from align.train.config import stage_help
 
         print(stage_help(stage))
         return 0
     if "--accelerate_config" in argv or any(a.startswith("--accelerate_config=") for a in argv):
-        from align.launch import relaunch_under_accelerate
+        from align.train.launch import relaunch_under_accelerate
 
         return relaunch_under_accelerate(stage, argv, prepare_stage)
-    from align import lifecycle
+    from align.core import lifecycle
 
     lifecycle.reset()  # (a stop signal before this point ended the command already)
     lifecycle.install((signal.SIGUSR1,))  # Slurm's signal before a time limit: a checkpoint, then out (as SIGTERM)
@@ -182,8 +182,8 @@ def run_stage(stage: str, argv: list[str]):
 
 
 def _train_stage(stage: str, model_args, data_args, args, dataset, resume):
-    from align import lifecycle
-    from align.checkpoints import preemption_callback, resume_line
+    from align.core import lifecycle
+    from align.train.checkpoints import preemption_callback, resume_line
     from align.stages import training_stage
 
     logger.info("%s: %d training rows", stage, len(dataset))
@@ -307,11 +307,11 @@ def truncation_report(rows_in: int, prepared, max_length: int | None,
 
 
 def progress_callback(stage: str):
-    """Steps done of max_steps and the last loss, for `align run`'s live line (align/progress.py); the
+    """Steps done of max_steps and the last loss, for `align run`'s live line (align/core/progress.py); the
     trainer's own bar stays as it is."""
     from transformers import TrainerCallback
 
-    from align.progress import Progress
+    from align.core.progress import Progress
 
     class _Progress(TrainerCallback):
         shown = None
@@ -394,10 +394,10 @@ def save_stage_outputs(trainer, tokenizer, model_args, data_args, args, stage: s
         tokenizer.save_pretrained(merged_dir)
     print(f"[align] {stage}: adapter written to {out}", flush=True)
     if getattr(args, "_align_push", False):
-        from align.leaks import held
-        from align.publish import push_folder
+        from align.core.leaks import held
+        from align.publishing.publish import push_folder
 
-        token = held(args, "hub_token")  # the recipe's, kept in memory only (align.config.hold_secrets)
+        token = held(args, "hub_token")  # the recipe's, kept in memory only (align.train.config.hold_secrets)
         repo = args.hub_model_id or out.name
         url = push_folder(str(out), repo if "/" in repo else f"{_hub_user(token)}/{repo}",
                           private=args.hub_private_repo is not False, **({"token": token} if token else {}))

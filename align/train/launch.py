@@ -14,15 +14,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
-PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+PACKAGE_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "accelerate"
 
 
 def check_sharding(sharding: str | None, source: str) -> bool:
     """FSDP or DeepSpeed on a machine without a GPU is refused (accelerate would run it as plain DDP), unless
     ALIGN_CPU_FSDP asks for FSDP over gloo on the CPUs: then True (the caller shards on the CPUs)."""
-    from align import cpu_fsdp
+    from align.train import cpu_fsdp
 
     if sharding == "FSDP" and cpu_fsdp.requested():
         return True
@@ -42,7 +42,7 @@ def accelerate_command(stage: str, config_file: str | None, stage_argv: list[str
 def accelerate_main(argv: list[str]) -> int:
     """`accelerate launch ARGV` as accelerate runs it, whose failure is one line instead of the launcher's
     traceback and report: the failed process has printed its own error (a user error once, by the main
-    process: align/errors.py), so the launcher adds which process it was and how it ended."""
+    process: align/core/errors.py), so the launcher adds which process it was and how it ended."""
     import logging
 
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -101,26 +101,26 @@ def split_accelerate_config(argv: list[str]) -> tuple[str, list[str]]:
 
 def relaunch_under_accelerate(stage: str, argv: list[str], prepare) -> int:
     """`prepare(stage, argv, preflight=False)` checks the recipe and loads its data (the training stage's
-    `prepare_stage`, passed in: this module stands below align/training.py and imports none of it)."""
-    from align.extras import check_accelerate_config
+    `prepare_stage`, passed in: this module stands below align/train/training.py and imports none of it)."""
+    from align.train.extras import check_accelerate_config
 
     value, rest = split_accelerate_config(argv)
     config_file = resolve_accelerate_config(value)
     config = check_accelerate_config(config_file)
     sharding = {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(str(config.get("distributed_type", "NO")))
     check_sharding(sharding, str(config_file))  # refused here, before any process starts, not once per process
-    from align import lifecycle
-    from align.leaks import mask_argv
+    from align.core import lifecycle
+    from align.core.leaks import mask_argv
 
     # the recipe and its data, here: a bad key costs seconds, not a launch (and the output folder is locked)
     args = prepare(stage, rest, preflight=False)[2]
     cmd = accelerate_command(stage, str(config_file), rest)
     print(f"[align] {stage}: launching accelerate launch {shlex.join(mask_argv(cmd[3:]))}", flush=True)
     try:  # a stop signal reaches the workers (accelerate would kill them 5 s after one), then what is left
-        return lifecycle.supervise([sys.executable, "-m", "align.launch", *cmd[3:]], spare_launcher=True)
+        return lifecycle.supervise([sys.executable, "-m", "align.train.launch", *cmd[3:]], spare_launcher=True)
     finally:
         lifecycle.unlock_folder(args.output_dir)
 
 
-if __name__ == "__main__":  # python -m align.launch ACCELERATE-LAUNCH-ARGS (what relaunch_under_accelerate runs)
+if __name__ == "__main__":  # python -m align.train.launch ACCELERATE-LAUNCH-ARGS (what relaunch_under_accelerate runs)
     raise SystemExit(accelerate_main(sys.argv[1:]))

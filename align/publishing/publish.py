@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from align.data import local_form
-from align.errors import AlignError
-from align.hub import hub_call
+from align.train.data import local_form
+from align.core.errors import AlignError
+from align.core.hub import hub_call
 
 
 # What a stage's output folder holds that is not the model: checkpoints (optimizer and RNG states), logs, a
@@ -18,8 +18,8 @@ PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "merged/**", "*.tmp
 def check_push_folder(folder: str, repo_type: str = "model") -> None:
     """What a push of `folder` would upload (without PUSH_IGNORE) holds no secret: not the value of one of
     this environment's (or this process's) secrets, and, for a model, nothing that looks like a credential
-    of any kind (align.leaks.credential_in_file): one line naming the file, else nothing."""
-    from align.leaks import check_folder
+    of any kind (align.core.leaks.credential_in_file): one line naming the file, else nothing."""
+    from align.core.leaks import check_folder
 
     check_folder(folder, ignore=PUSH_IGNORE, patterns=repo_type == "model")
 
@@ -67,11 +67,11 @@ def _lora_groups(adapter_config: dict) -> list[str]:
 def _eval_results(problems, r: dict) -> list:
     """model-index entries of one evaluated model: pass@1 per problem set (a standard set under its Hub
     repo), pass@k-turns and the sampled pass@k. Each set is named as the eval's tables name it
-    (align.evaluate.set_labels): no local path, a set read from a local mirror (`mbpp@/data/mbpp.parquet`)
+    (align.evaluation.evaluate.set_labels): no local path, a set read from a local mirror (`mbpp@/data/mbpp.parquet`)
     by the set, a problems file by its file name (and parent folders where two share a name)."""
     from huggingface_hub import EvalResult
 
-    from align.evaluate import set_labels
+    from align.evaluation.evaluate import set_labels
     from align.tasks.hub_sets import HUB_SETS, parse_spec
 
     names = [problems] if isinstance(problems, str) else [str(p) for p in problems]
@@ -107,7 +107,7 @@ def model_card(stage_dir: Path, config: dict, adapter_config: dict | None, merge
     model-index results from the eval stage."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from align.evaluate import markdown_table
+    from align.evaluation.evaluate import markdown_table
 
     model_cfg, data_cfg, train_cfg = config.get("model", {}), config.get("data", {}), config.get("training", {})
     base = model_cfg.get("model_name_or_path") or "unknown"
@@ -161,13 +161,13 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
     src, out = Path(stage_dir), Path(output)
     if not (src / "align_config.yaml").is_file():
         raise AlignError(f"{stage_dir}: not a stage output (no align_config.yaml)")
-    from align.leaks import mask
+    from align.core.leaks import mask
 
     # masked again: a folder a stage wrote before align masked its config would publish its credentials
     config, unmasked = mask(yaml.safe_load((src / "align_config.yaml").read_text()))
     adapter_config = json.loads((src / "adapter_config.json").read_text()) if (src / "adapter_config.json").exists() else None
     if merge and adapter_config:  # the base and the adapter are what they say, before the output is touched
-        from align.model_check import check_adapter, check_model
+        from align.train.model_check import check_adapter, check_model
 
         base = adapter_config.get("base_model_name_or_path")
         if not base:
@@ -178,7 +178,7 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if merge and adapter_config:
-        from align.models import load_for_generation
+        from align.train.models import load_for_generation
 
         # merged in the dtype the stage trained in (the recipe's; "auto": the checkpoint's own), not float32
         dtype = (config.get("model") or {}).get("dtype") or "auto"
@@ -211,7 +211,7 @@ def build_publish_folder(stage_dir: str, repo_id: str, output: str, merge: bool 
 
 
 def main(argv: list[str]):
-    from align.errors import ArgumentParser
+    from align.core.errors import ArgumentParser
 
     parser = ArgumentParser(prog="align publish")
     parser.add_argument("stage_output", help="a stage's output folder (adapter or full model)")

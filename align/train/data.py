@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 from align.stages import training_stage
 

@@ -1,0 +1,1 @@
+"""Publishing: `align publish`, the Hub folder, its model card and the push."""

@@ -1,0 +1,1 @@
+"""The pipeline runner: `align run` and the quickstart's data generators."""

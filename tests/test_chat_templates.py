@@ -386,7 +386,7 @@ def test_the_moe_upcycle_of_a_smollm2_shaped_model_trains_the_same_way(tmp_path)
 
     write_smollm2_shaped(tmp_path / "smol")
     assert main(["upcycle", str(tmp_path / "smol"), str(tmp_path / "moe"), "--experts", "2", "--top-k", "1"]) == 0
-    from align.models import load_tokenizer
+    from align.train.models import load_tokenizer
 
     moe_tokenizer = load_tokenizer(str(tmp_path / "moe"))
     assert moe_tokenizer.chat_template == FIXTURES["chatml_smollm2"]["template"]  # unedited, as the dense model had it
@@ -443,10 +443,10 @@ def test_every_stage_renders_a_conversation_the_same_way(tmp_path, name):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, KTOConfig
 
-    from align.backends import LocalBackend, ModelSpec
+    from align.evaluation.backends import LocalBackend, ModelSpec
     from align.dpo.trainer import MoEDPOTrainer
     from align.kto_nca.trainer import MoEKTOTrainer
-    from align.training import render_stage_rows
+    from align.train.training import render_stage_rows
 
     tokenizer = family_tokenizer(name)
     folder = write_smollm2_shaped(tmp_path / "model", name)

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from align.errors import AlignError
-from conftest import REPO, stage_args
+from conftest import REPO, SFT_4BIT_ARGS, SFT_ARGS, stage_args
 
 BOOT = REPO / "recipes" / "quickstart" / "bootstrap.yaml"
 
@@ -226,36 +226,58 @@ def _adapter_history(folder: Path) -> list[tuple]:
             for h in history if "loss" in h]
 
 
-@pytest.mark.parametrize("stage", ["sft", "nca"])
-def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, tmp_path, monkeypatch, sft_output):
-    """LoRA on attention, experts (the fused backend) and router; NCA from the SFT adapter with its frozen
-    reference copy: SIGUSR1 as step 1 ends saves checkpoint-1 (no save step) and stops with 128 + 10; the
-    rerun with resume_from_checkpoint: true ends equal to the uninterrupted run."""
+# stage: (entry, recipe, arguments, the session fixture holding the uninterrupted run of those arguments or
+# None, the step whose end brings the signal). The uninterrupted SFT runs are the ones other tests read.
+_PREEMPTED = {
+    "sft": ("align.sft.train", "sft.yaml", SFT_ARGS, "sft_run", 2),
+    "sft-nf4": ("align.sft.train", "sft.yaml", SFT_4BIT_ARGS, "sft_4bit", 1),
+    "nca": ("align.kto_nca.nca", "nca.yaml", ("--max_steps", "3", "--logging_steps", "1"), None, 1),
+    "kto": ("align.kto_nca.kto", "kto.yaml", ("--max_steps", "3", "--logging_steps", "1"), None, 1),
+}
+
+
+@pytest.mark.parametrize("stage", list(_PREEMPTED))
+def test_a_preempted_lora_stage_saves_at_the_next_step_and_resumes_equal(stage, tmp_path, monkeypatch, request):
+    """LoRA on attention, experts (the fused backend) and router, on 16-bit experts and on 4-bit (NF4) ones;
+    NCA and KTO from the SFT adapter with its frozen reference copy: SIGUSR1 as step N ends saves
+    checkpoint-N (no save step) and stops with 128 + 10; the rerun with resume_from_checkpoint: true ends
+    equal to the uninterrupted run (the adapter bit for bit, the loss log entry for entry)."""
     import importlib
 
     from align import lifecycle
 
-    main = importlib.import_module({"sft": "align.sft.train", "nca": "align.kto_nca.nca"}[stage]).main
-    extra = ("--max_steps", "3", "--save_steps", "2", "--logging_steps", "1")
-    if stage == "nca":
-        extra += ("--adapter_name_or_path", str(sft_output))
-    main(stage_args(f"{stage}.yaml", tmp_path / "straight", *extra))
+    entry, recipe, extra, baseline, step = _PREEMPTED[stage]
+    main = importlib.import_module(entry).main
+    if baseline is None:
+        extra += ("--adapter_name_or_path", str(request.getfixturevalue("sft_output")))
+        straight = tmp_path / "straight"
+        main(stage_args(recipe, straight, *extra))
+    else:
+        straight = request.getfixturevalue(baseline)[0]
 
+    resumed = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        _signal_at_step(patch, 1)
+        _signal_at_step(patch, step)
         try:
             with pytest.raises(lifecycle.Interrupted) as stopped:
-                main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra))
+                main(stage_args(recipe, resumed, *extra))
         finally:
             lifecycle.reset()
     assert stopped.value.code == 128 + signal.SIGUSR1
-    assert (tmp_path / "resumed" / "checkpoint-1" / "trainer_state.json").is_file()
-    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
-    main(stage_args(f"{stage}.yaml", tmp_path / "resumed", *extra, "--resume_from_checkpoint", "true"))
+    assert [p.name for p in resumed.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert (resumed / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (resumed / "adapter_model.safetensors").exists()
+    trainer = main(stage_args(recipe, resumed, *extra, "--resume_from_checkpoint", "true"))
+    if stage == "sft-nf4":
+        from align.moe.nf4 import is_nf4
 
-    assert _adapter_history(tmp_path / "resumed") == _adapter_history(tmp_path / "straight")
-    a = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "adapter_model.safetensors"))
+        assert sum(is_nf4(p) for p in trainer.model.parameters()) == 4  # trained on the 4-bit experts indeed
+
+    assert _adapter_history(resumed) == _adapter_history(straight)
+    max_steps, logging_steps = int(extra[1]), int(extra[3])  # (every one of them: --max_steps N --logging_steps M)
+    assert [dict(h)["step"] for h in _adapter_history(resumed)] == list(range(logging_steps, max_steps + 1, logging_steps))
+    a = load_file(str(straight / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

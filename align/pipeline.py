@@ -261,9 +261,11 @@ def _start_log_attempt(log: Path, attempt: int, why: str) -> None:
     """Append this attempt's header to the stage's log: the earlier attempts' output (an interrupted one's
     last lines above all) stays above it, and a blank line sets it apart from a last line cut off mid-way."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
-    with open(log, "a") as f:
+    with open(log, "ab+") as f:
         if f.tell():
-            f.write("\n")
+            f.seek(-1, os.SEEK_END)
+            f.write(b"\n\n" if f.read(1) != b"\n" else b"\n")
+    with open(log, "a") as f:
         f.write(f"{LOG_ATTEMPT}{attempt}, {stamp}, pid {os.getpid()}: {why} =====\n")
 
 

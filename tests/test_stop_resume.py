@@ -411,12 +411,20 @@ def test_sigterm_to_a_two_process_stage_saves_one_checkpoint_and_resumes_equal(t
     resume_from_checkpoint: true ends equal to the uninterrupted two-process run."""
     from align.progress import PROGRESS_ENV
 
+    from align.launch import accelerate_command, resolve_accelerate_config
+
+    def stage(out, *extra):
+        return stage_args("sft.yaml", out, "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size",
+                          "2", *extra)
+
     def command(out, *extra):
-        return [sys.executable, "-m", "align", "sft", *stage_args("sft.yaml", out, "--max_steps", "3", "--logging_steps",
-                "1", "--per_device_train_batch_size", "2", *extra), "--accelerate_config", "multi_cpu"]
+        return [sys.executable, "-m", "align", "sft", *stage(out, *extra), "--accelerate_config", "multi_cpu"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ALIGN_STOP_GRACE": "60"}
-    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    # the uninterrupted run: the same launch of the same workers, without `align sft`'s own checks around it
+    launch = accelerate_command("sft", str(resolve_accelerate_config("multi_cpu")), stage(tmp_path / "straight"))
+    straight = subprocess.run([sys.executable, "-m", "align.launch", *launch[3:]], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "resumed"

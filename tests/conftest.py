@@ -58,16 +58,33 @@ def logits_of(model):
         return model(input_ids=torch.tensor(FIXED_INPUT)).logits.float()
 
 
+SFT_ARGS = ("--max_steps", "4", "--logging_steps", "2")
+
+
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory):
-    """The tiny SFT recipe, 4 steps: (output folder, the trained model's logits on FIXED_INPUT)."""
+    """The tiny SFT recipe, 4 steps (SFT_ARGS): (output folder, the trained model's logits on FIXED_INPUT)."""
     from align.sft.train import main
 
     out = tmp_path_factory.mktemp("sft")
-    trainer = main(stage_args("sft.yaml", out, "--max_steps", "4", "--logging_steps", "2"))
+    trainer = main(stage_args("sft.yaml", out, *SFT_ARGS))
     return out, logits_of(trainer.model)
 
 
 @pytest.fixture(scope="session")
 def sft_output(sft_run):
     return sft_run[0]
+
+
+SFT_4BIT_ARGS = ("--max_steps", "3", "--logging_steps", "1", "--experts_4bit", "true")
+
+
+@pytest.fixture(scope="session")
+def sft_4bit(tmp_path_factory):
+    """The tiny SFT recipe on 4-bit (NF4) experts, 3 steps (SFT_4BIT_ARGS): (output folder, the trained model's
+    logits on FIXED_INPUT). tests/test_nf4.py reads it; tests/test_stop_resume.py resumes a run equal to it."""
+    from align.sft.train import main
+
+    out = tmp_path_factory.mktemp("sft4")
+    trainer = main(stage_args("sft.yaml", out, *SFT_4BIT_ARGS))
+    return out, logits_of(trainer.model)

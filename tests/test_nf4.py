@@ -171,16 +171,6 @@ def test_nf4_tensor_moves_and_copies_without_dequantising():
         nf4.copy_(torch.zeros(2, 64, 32))
 
 
-@pytest.fixture(scope="module")
-def sft_4bit(tmp_path_factory):
-    from align.sft.train import main
-    from conftest import logits_of, stage_args
-
-    out = tmp_path_factory.mktemp("sft4")
-    trainer = main(stage_args("sft.yaml", out, "--max_steps", "3", "--logging_steps", "1", "--experts_4bit", "true"))
-    return out, logits_of(trainer.model)
-
-
 def test_qlora_sft_trains_and_adapter_loads_on_both_bases(sft_4bit, sft_output):
     from peft import PeftModel
     from safetensors.torch import load_file

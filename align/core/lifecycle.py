@@ -258,16 +258,17 @@ def supervise(cmd: list[str], spare_launcher: bool = False, **popen) -> int:
 
 
 # ------------------------------------------------------------------ one writer per folder
-def lock_folder(folder: str | os.PathLike, what: str) -> None:
+def lock_folder(folder: str | os.PathLike, what: str) -> bool:
     """Hold FOLDER/.align.lock for this process's life (idempotent). Held by another live process: one line
     naming it; held by an ancestor of this one (the `align run` or launcher that started it): that is this
-    stage's own lock, and this process goes on under it."""
+    stage's own lock, and this process goes on under it. True: this call took the lock (held already by
+    this process or an ancestor: False)."""
     import fcntl
 
     folder = Path(folder)
     key = str(folder.resolve())
     if key in _locks:
-        return
+        return False
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -278,7 +279,7 @@ def lock_folder(folder: str | os.PathLike, what: str) -> None:
         os.close(fd)
         pid = holder.get("pid")
         if isinstance(pid, int) and pid in _ancestors():
-            return
+            return False
         if not isinstance(pid, int):
             raise AlignError(f"{folder}: being written by another process (it holds {path})") from None
         since = time.strftime("%H:%M:%S", time.localtime(holder.get("started") or time.time()))
@@ -288,6 +289,7 @@ def lock_folder(folder: str | os.PathLike, what: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, record.encode(), 0)
     _locks[key] = fd
+    return True
 
 
 def unlock_folder(folder: str | os.PathLike) -> None:
@@ -313,12 +315,25 @@ def _ancestors() -> set[int]:
         return set()
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON through a temporary file and a rename: a kill leaves the old file or the new, whole."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """A text file written through a temporary file beside it and a rename: a kill (or a full disk) leaves the
+    old file or the new one, whole, never a part; the temporary file goes when the write fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    try:
+        with open(tmp, "w") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write JSON through a temporary file and a rename: a kill leaves the old file or the new, whole."""
+    with atomic_write(path) as f:
         f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -352,10 +352,76 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
-    from align.core.progress import Progress
-    from align.train.tracking import Trackers
+# What a model's results depend on, besides the problems (each one's content) and the model's files: these
+# settings, its entry's keys in RESULT_MODEL_KEYS and, when sampling (samples > 0), SAMPLED_SETTINGS. A
+# model's kept results are used again only when all of them are as they were (align/evaluation/evaluate.py, `kept`).
+RESULT_SETTINGS = ("max_new_tokens", "batch_size", "turns", "critic", "samples")
+SAMPLED_SETTINGS = ("pass_k", "temperature", "top_p", "seed")
+RESULT_MODEL_KEYS = ("model", "adapter", "backend", "base_urls")
+MODEL_FILES_SKIPPED = ("log.txt", "progress.json", "stage.json")  # a stage folder's own records, not the model
 
+
+def _files_state(path: str) -> list | None:
+    """A local model or adapter as (name, size, mtime) of its file, or of each file in its folder (checkpoint
+    folders and hidden files aside): retrained in place, it is another model. None: not a local path."""
+    location = Path(path).expanduser()
+    if location.is_file():
+        stat = location.stat()
+        return [[location.name, stat.st_size, stat.st_mtime_ns]]
+    if not location.is_dir():
+        return None
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in location.iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.name not in MODEL_FILES_SKIPPED)
+
+
+def problems_digest(problems: list[Problem], sets: list[str]) -> str:
+    """The problems evaluated, each as loaded (prompt, ground truth, tests) and with its set's label."""
+    import hashlib
+
+    rows = [[p.to_dict(), label] for p, label in zip(problems, sets)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def result_fingerprint(config: EvalConfig, m: dict, problems_hash: str) -> str:
+    """What one model's results depend on: the problems, the settings of RESULT_SETTINGS (and SAMPLED_SETTINGS
+    when sampling), the model's entry (RESULT_MODEL_KEYS: not its connection's concurrency, timeouts, retries
+    or key) and its local files."""
+    import hashlib
+
+    settings = {k: getattr(config, k) for k in RESULT_SETTINGS + (SAMPLED_SETTINGS if config.samples else ())}
+    payload = {"problems": problems_hash, "settings": settings,
+               "model": {k: m.get(k) for k in RESULT_MODEL_KEYS if m.get(k) is not None},
+               "files": {k: _files_state(m[k]) for k in ("model", "adapter") if m.get(k)}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_result_path(output: Path, name: str) -> Path:
+    return output / f"results_{name}.json"
+
+
+def kept(output: Path, name: str, fingerprint: str) -> tuple[dict | None, str | None]:
+    """(an earlier run's whole results of model `name` made with the same fingerprint, else None; why they are
+    not used, when there were some). Its answers file is written before it (both atomically), so a result
+    found has its answers."""
+    path = model_result_path(output, name)
+    if not path.exists():
+        return None, None
+    try:
+        saved = json.loads(path.read_text())
+        result = saved["result"]
+        same = saved["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{path.name} is unreadable"
+    if not same:
+        return None, "its problems, settings or model changed"
+    if not (output / f"answers_{name}.jsonl").is_file():
+        return None, f"answers_{name}.jsonl is missing"
+    return result, None
+
+
+def run_eval(spec: dict, output: Path, where: str = "eval", force: bool = False) -> dict:
+    """Every configured model on the problems, into `output`; the results of a model evaluated there already
+    with the same problems, settings and model files (result_fingerprint) are kept, unless `force`."""
     config = parse_eval_config(spec, where)
     check_eval_models(config, where)
     problems, sets = [], []
@@ -370,13 +436,43 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         raise AlignError(f"{where}: key 'problems': two sets share problem ids (name each set once)")
     labels = set_labels(config.problems)  # (the names parse: every set loaded)
     sets = [labels[name] for name in sets]
-    turns, batch_size = config.turns, config.batch_size
     output.mkdir(parents=True, exist_ok=True)
+    from align.core import lifecycle
+
+    taken = lifecycle.lock_folder(output, "align eval")  # one writer (under `align run`: its lock, held already)
+    try:
+        return _evaluate(config, problems, sets, output, where, force)
+    finally:
+        if taken:
+            lifecycle.unlock_folder(output)
+
+
+def _evaluate(config: EvalConfig, problems: list[Problem], sets: list[str], output: Path, where: str,
+              force: bool) -> dict:
+    """run_eval's work in its locked output folder: each model evaluated (or its results kept), then the
+    tables, the trackers and the plots."""
+    from align.core import lifecycle
+    from align.core.progress import Progress
+    from align.train.tracking import Trackers
+
+    turns, batch_size = config.turns, config.batch_size
+    for stale in output.glob(".*.tmp"):  # a write a kill cut off (lifecycle.atomic_write): never a result
+        stale.unlink(missing_ok=True)
+    problems_hash = problems_digest(problems, sets)
     results = {"problems": config.problems, "models": {}}
     for name, m in config.models.items():
         if m.get("adapter") and not Path(m["adapter"]).exists():
             print(f"[align] eval: {name} skipped ({m['adapter']} does not exist: a stage not run)", flush=True)
             continue
+        fingerprint = result_fingerprint(config, m, problems_hash)
+        earlier, why = (None, None) if force else kept(output, name, fingerprint)
+        if earlier is not None:
+            print(f"[align] eval: {name}: kept from an earlier run ({model_result_path(output, name).name})", flush=True)
+            results["models"][name] = earlier
+            continue
+        if why:
+            print(f"[align] eval: {name}: evaluated again ({why})", flush=True)
+        model_result_path(output, name).unlink(missing_ok=True)  # (its answers are rewritten first)
         batches = -(-len(problems) // batch_size)
         sampling = len(sample_batches(len(problems), config.samples, batch_size)) if config.samples else 0
         backend = make_eval_backend(m, config.max_new_tokens)
@@ -401,13 +497,21 @@ def run_eval(spec: dict, output: Path, where: str = "eval") -> dict:
         finally:
             progress.close()
             getattr(backend, "close", lambda: None)()
-        with open(output / f"answers_{name}.jsonl", "w") as f:
+        # Each model's answers, then its results, each whole or not at all: a rerun keeps the model or redoes it.
+        with lifecycle.deferred(), lifecycle.atomic_write(output / f"answers_{name}.jsonl") as f:
             for i, (p, r, ok, more) in enumerate(zip(problems, responses, correct, later)):
                 row = {"problem_id": p.id, "response": r, "correct": ok, **({"later_turns": more} if more else {})}
                 f.write(json.dumps({**row, **({"samples": samples[i]} if samples else {})}) + "\n")
         results["models"][name] = {**scored, "model": m["model"], "adapter": m.get("adapter")}
-    (output / "results.json").write_text(json.dumps(results, indent=2))
-    (output / "results.md").write_text(markdown_table(results) + "\n")
+        with lifecycle.deferred():
+            lifecycle.write_json_atomic(model_result_path(output, name),
+                                        {"fingerprint": fingerprint, "result": results["models"][name]})
+        if lifecycle.requested():  # a stop signal while the model's results were written: they are kept
+            raise lifecycle.Interrupted(lifecycle.requested())
+    with lifecycle.atomic_write(output / "results.json") as f:
+        f.write(json.dumps(results, indent=2))
+    with lifecycle.atomic_write(output / "results.md") as f:
+        f.write(markdown_table(results) + "\n")
     if config.report_to:
         trackers = Trackers(config.report_to, config.run_name, output / "runs", {"problems": ", ".join(config.problems)})
         trackers.log({name: {k: v for k, v in r.items() if k not in ("model", "adapter")}
@@ -426,8 +530,11 @@ def main(argv: list[str]):
     parser = ArgumentParser(prog="align eval")
     parser.add_argument("--config", required=True, help="problems, models {name: {model, adapter}}, runs, trees")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--force", action="store_true",
+                        help="evaluate every model again (default: keep the results of models evaluated already in "
+                             "--output with the same problems, settings and model files)")
     args = parser.parse_args(argv)
     spec = load_recipe_file(args.config)
-    results = run_eval(spec, Path(args.output), args.config)
+    results = run_eval(spec, Path(args.output), args.config, force=args.force)
     print(markdown_table(results))
     return 0

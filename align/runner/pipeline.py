@@ -215,17 +215,58 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _clear_folder(folder: Path) -> None:
-    """Remove a stage folder's contents, all but its lock (which this run holds)."""
+def _clear_folder(folder: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove a stage folder's contents, all but its lock (which this run holds) and the names in `keep`."""
     from align.core.lifecycle import LOCK_NAME
 
     for path in folder.iterdir():
-        if path.name == LOCK_NAME:
+        if path.name == LOCK_NAME or path.name in keep:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+LOG_ATTEMPT = "===== align run: attempt "  # each attempt's first line in a stage's log.txt
+
+
+def _attempt_number(folder: Path, record: dict | None) -> int:
+    """This attempt's number at the stage: one more than the last one's (stage.json's, else the headers in
+    log.txt, else none: 1)."""
+    last = record.get("attempt") if record else None
+    if not isinstance(last, int) or isinstance(last, bool):
+        last = 0
+        try:
+            with open(folder / "log.txt", errors="replace") as f:
+                last = sum(line.startswith(LOG_ATTEMPT) for line in f)
+        except OSError:
+            pass
+        if not last and record:
+            last = 1  # a stage run before attempts were counted
+    return last + 1
+
+
+def _last_attempt(record: dict | None) -> str:
+    """How the last attempt at a stage ended, from its stage.json, for the next attempt's log header."""
+    status = (record or {}).get("status")
+    if status == "interrupted":
+        return f"the last one was interrupted ({record.get('signal', 'a stop signal')})"
+    if status == "running":  # its run was killed (kill -9, a dead node) before it could say anything
+        return "the last one ended without a word (killed)"
+    return f"the last one {status}" if status else "the last one left no stage.json"
+
+
+def _start_log_attempt(log: Path, attempt: int, why: str) -> None:
+    """Append this attempt's header to the stage's log: the earlier attempts' output (an interrupted one's
+    last lines above all) stays above it, and a blank line sets it apart from a last line cut off mid-way."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
+    with open(log, "ab+") as f:
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            f.write(b"\n\n" if f.read(1) != b"\n" else b"\n")
+    with open(log, "a") as f:
+        f.write(f"{LOG_ATTEMPT}{attempt}, {stamp}, pid {os.getpid()}: {why} =====\n")
 
 
 def _stage_record(folder: Path) -> dict | None:
@@ -535,10 +576,14 @@ class Runner:
                    total_start: float) -> None:
         name = stage["name"]
         resume_from = None
+        attempt = _attempt_number(folder, record)
+        why = "the first" if attempt == 1 else _last_attempt(record)
         if record and (record.get("hash") != digest or self.force) and folder.exists():
             # Its config or inputs changed (or --force): what is there is stale. (Same hash: an interrupted
             # or failed attempt, whose partial work the stage resumes from: finished trees, checkpoints.)
-            _clear_folder(folder)
+            # The log of the earlier attempts stays: each attempt appends to it under its own header line.
+            _clear_folder(folder, keep=("log.txt",))
+            why += "; restarted from nothing (" + ("--force" if self.force else "its config or inputs changed") + ")"
         elif record and stage["kind"] in TRAINING_STAGES:
             from align.train.checkpoints import newest_checkpoint, resume_line
 
@@ -547,15 +592,18 @@ class Runner:
                 print(f"[align] run: {name}: {note}", flush=True)
             if resume_from is not None:
                 print(f"[align] run: {resume_line(name, resume_from)}", flush=True)
+                why += f"; {resume_line(name, resume_from).split(': ', 1)[1]}"
+            else:
+                why += "; no whole checkpoint: from step 0"
         folder.mkdir(parents=True, exist_ok=True)
         from align.core.leaks import mask
 
         (folder / "resolved.yaml").write_text(yaml.safe_dump(mask(resolved)[0], sort_keys=False))
-        (folder / "log.txt").write_text("")
+        _start_log_attempt(folder / "log.txt", attempt, why)
         print(f"[align] run: {name} ({stage['kind']}) ...", flush=True)
         start = time.monotonic()
         record = {"stage": name, "kind": stage["kind"], "hash": digest, "status": "running", "started": time.time(),
-                  "pid": os.getpid()}
+                  "pid": os.getpid(), "attempt": attempt}
         if resume_from is not None:
             record["resumed_from"] = resume_from.name
         lifecycle.write_json_atomic(folder / "stage.json", record)

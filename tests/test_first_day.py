@@ -50,6 +50,23 @@ def test_an_export_of_a_build_that_solved_nothing_loads_config_by_config(tmp_pat
     with pytest.raises(AlignError, match="has no rows"):  # a stage given the empty folder says so in one line
         load_one(str(export / "sft"))
 
+    # In a mixture, an empty part (one task's trees with no correct answer) is left out, saying so; the stage
+    # trains on the rest. Only a mixture with no rows at all is an error.
+    from align.train.config import DataArguments
+    from align.train.data import load_training_data
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1?"},
+                                                      {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                             for i in range(3)))
+    capsys.readouterr()
+    mixed = load_training_data(DataArguments(datasets=[str(export / "sft"), str(other)]), "sft")
+    assert len(mixed) == 3
+    assert capsys.readouterr().out == f"[align] sft: dataset {export / 'sft'}: has no rows (an export of trees with no " \
+        "correct answer leaves its sft and pairs configs empty): left out of the mixture\n"
+    with pytest.raises(AlignError, match=r"has no rows .*; and so have the other 1$"):
+        load_training_data(DataArguments(datasets=[str(export / "sft"), str(export / "pairs")]), "sft")
+
     assert main(["trees", "stats", str(tmp_path / "trees")]) == 0
     err = capsys.readouterr().err
     assert sum("no correct answer" in line for line in err.splitlines()) == 1

@@ -89,8 +89,8 @@ def load_one(path: str, split: str = "train", name: str | None = None, data_file
     except Exception as err:  # datasets raises many types; the user needs the path and the reason
         reason = " ".join(str(err).split())[:300]
         if "corresponds to no data" in reason:  # datasets' word for a split of no rows
-            raise AlignError(f"dataset {path}: has no rows (an export of trees with no correct answer leaves its "
-                             "sft and pairs configs empty)") from None
+            raise NoRows(f"dataset {path}: has no rows (an export of trees with no correct answer leaves its "
+                         "sft and pairs configs empty)") from None
         raise AlignError(f"dataset {path}: could not be loaded ({type(err).__name__}: {reason})") from None
     finally:
         if bars_were_on:
@@ -167,16 +167,24 @@ def load_training_data(data_args, stage: str):
             datasets.enable_progress_bars()
 
 
+class NoRows(AlignError):
+    """A dataset that loaded and has no rows: an error alone, left out of a mixture with others that have some."""
+
+
 def _load_and_mix(specs: list[dict], data_args, stage: str):
     from datasets import concatenate_datasets
 
-    parts = []
+    parts, empty = [], []
     for spec in specs:
         source = str(spec["path"])
-        ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"), data_files=spec.get("data_files"),
-                      data_dir=spec.get("data_dir"))
-        if len(ds) == 0:
-            raise AlignError(f"dataset {source}: has no rows")
+        try:
+            ds = load_one(source, split=spec.get("split", "train"), name=spec.get("name"),
+                          data_files=spec.get("data_files"), data_dir=spec.get("data_dir"))
+            if len(ds) == 0:
+                raise NoRows(f"dataset {source}: has no rows")
+        except NoRows as err:
+            empty.append(str(err))
+            continue
         if spec.get("columns"):
             missing = [c for c in spec["columns"] if c not in ds.column_names]
             if missing:
@@ -190,6 +198,10 @@ def _load_and_mix(specs: list[dict], data_args, stage: str):
             indices = [j % len(ds) for j in range(keep)]
             ds = shuffled.select(indices)
         parts.append(ds)
+    if not parts:  # nothing to train on: the first empty one names why
+        raise AlignError(empty[0] if len(empty) == 1 else f"{empty[0]}; and so have the other {len(empty) - 1}")
+    for line in empty:  # a mixture with an empty part (trees of one task with no correct answer) trains on the rest
+        print(f"[align] {stage}: {line}: left out of the mixture", flush=True)
     try:
         mixed = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     except ValueError as err:

@@ -477,3 +477,61 @@ def test_every_stage_renders_a_conversation_the_same_way(tmp_path, name):
     rows = render_stage_rows("kto", labelled, tokenizer, args, str(folder))
     row = MoEKTOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer).train_dataset[0]
     assert row["prompt_ids"] == prompt and row["prompt_ids"] + row["completion_ids"] == sft_ids
+
+
+def test_a_recipes_system_prompt_reaches_trees_exports_and_eval(tmp_path, monkeypatch):
+    """`system_prompt` in a trees recipe opens every tree's conversation, so the exported SFT, pair and KTO
+    rows carry it (the released UltraInteract columns keep user and assistant turns only); the same key in
+    an eval opens every first and later turn; unset, neither has a system message."""
+    from align.evaluation.evaluate import run_eval
+    from align.trees.builder import build_trees, parse_trees_config
+    from align.trees.export import export_trees
+    from test_trees import OracleBackend
+
+    system = "You are a careful tutor. End with the number."
+    seen = []
+
+    class Tutored(OracleBackend):
+        def texts(self, messages, n, seed):
+            seen.append(list(messages))
+            assert [m["role"] for m in messages[:2]] == ["system", "user"] and messages[0]["content"] == system
+            return super().texts(messages[1:], n, seed)
+
+    def trees_with(prompt, out):
+        values = {"problems": "arithmetic:6:3", "output_dir": str(out), "max_turns": 3, "progress": False,
+                  "actor": {"backend": "local"}, **({"system_prompt": prompt} if prompt else {})}
+        config, actor, critic, limits = parse_trees_config(values, "test")
+        return build_trees(config, actor, critic, limits, actor=Tutored(0.4) if prompt else OracleBackend(0.4))
+
+    assert trees_with(system, tmp_path / "trees")["pairs"] > 0
+    assert any(len(chat) > 2 for chat in seen)  # later turns too, the critique after the first answer
+    export_trees(tmp_path / "trees" / "trees.jsonl", tmp_path / "export")
+    from datasets import load_dataset
+
+    for name in ("sft", "pairs", "kto"):
+        rows = load_dataset(str(tmp_path / "export"), name=name, split="train")
+        assert len(rows) and all(r["prompt"][0] == {"role": "system", "content": system} for r in rows), name
+    ultra = load_dataset(str(tmp_path / "export"), name="pairs_ultrainteract", split="train")
+    assert all(t["from"] != "system" for r in ultra for t in r["trajectory"])
+    trees_with(None, tmp_path / "plain")
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "trees.jsonl").read_text().splitlines()]
+    assert all(t["history"][0]["role"] == "user" for tree in plain for t in tree["turns"])
+    info = json.loads((tmp_path / "plain" / "build_info.json").read_text())["settings"]
+    assert "system_prompt" not in info  # unset: the settings trees built before the key existed recorded
+
+    chats = []
+
+    class Scripted:
+        def generate_batch(self, requests):
+            chats.extend(list(chat) for chat, _, _ in requests)
+            return [["\\boxed{0}"] * n for _, n, _ in requests]
+
+    monkeypatch.setattr("align.evaluation.evaluate.make_eval_backend", lambda m, max_new_tokens: Scripted())
+    monkeypatch.setattr("align.evaluation.evaluate.check_eval_models", lambda *a, **k: None)
+    run_eval({"problems": ["arithmetic:3:5"], "models": {"m": {"model": "scripted"}}, "turns": 2,
+              "system_prompt": system}, tmp_path / "eval")
+    assert len(chats) == 6 and all(c[0] == {"role": "system", "content": system} and c[1]["role"] == "user"
+                                   for c in chats)
+    chats.clear()
+    run_eval({"problems": ["arithmetic:3:5"], "models": {"m": {"model": "scripted"}}, "turns": 2}, tmp_path / "eval")
+    assert len(chats) == 6 and all(c[0]["role"] == "user" for c in chats)  # (a changed setting: evaluated again)

@@ -284,6 +284,7 @@ _PREEMPTED = {
     "sft-nf4": ("align.sft.train", "sft.yaml", SFT_4BIT_ARGS, "sft_4bit", 1),
     "nca": ("align.kto_nca.nca", "nca.yaml", _PREFERENCE_ARGS, None, 1),
     "kto": ("align.kto_nca.kto", "kto.yaml", _PREFERENCE_ARGS, None, 1),
+    "dpo": ("align.dpo.train", "dpo.yaml", _PREFERENCE_ARGS, None, 1),
 }
 
 

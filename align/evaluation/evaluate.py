@@ -16,6 +16,7 @@ from pathlib import Path
 
 from align.core.errors import AlignError
 from align.evaluation.backends import BackendError
+from align.tasks.critic import opening
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
 from align.tasks.verifiers import verify
@@ -35,6 +36,9 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "Problems decoded together.", "range": (1, 65536)})
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens per answer at most.", "range": (1, 1 << 20)})
     limit: int | None = field(default=None, metadata={"help": "Only the first N problems of each set.", "range": (1, None)})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "A system message before each problem (as trees' system_prompt), placed as each model's chat "
+                "template places it."})
     critic: str = field(default="observation", metadata={"help": "The critic of the later turns: observation or steps "
                                                          "(the first wrong step, for the built-in addition)."})
     runs: dict = field(default_factory=dict, metadata={"help": "name: stage output folder, for the plots."})
@@ -282,7 +286,7 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
     texts: list[list[str]] = [[] for _ in problems]
     try:
         for batch in sample_batches(len(problems), config.samples, config.batch_size):
-            out = backend.generate_batch([([{"role": "user", "content": problems[i].instruction}], k,
+            out = backend.generate_batch([(opening(problems[i].instruction, config.system_prompt), k,
                                            derive_seed(config.seed, problems[i].id) + first) for i, first, k in batch])
             for (i, _, _), answers in zip(batch, out):
                 texts[i] += answers
@@ -304,12 +308,13 @@ def sampled_pass_at_k(backend, problems: list[Problem], config: EvalConfig, prog
 
 
 def multi_turn(backend, problems: list[Problem], first: list[str], first_correct: list[bool], turns: int,
-               batch_size: int, critic: str = "observation") -> tuple[dict, list[list[dict]]]:
+               batch_size: int, critic: str = "observation",
+               system_prompt: str | None = None) -> tuple[dict, list[list[dict]]]:
     """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts; `critic`
     steps adds the first wrong step to each feedback turn, as in the trees."""
     from align.tasks.critic import feedback_turn, step_critique
 
-    chats = [[{"role": "user", "content": p.instruction}, {"role": "assistant", "content": r}] for p, r in zip(problems, first)]
+    chats = [opening(p.instruction, system_prompt) + [{"role": "assistant", "content": r}] for p, r in zip(problems, first)]
     solved = list(first_correct)
     observation = {i: verify(problems[i], first[i]).observation for i, ok in enumerate(solved) if not ok}
     later: list[list[dict]] = [[] for _ in problems]
@@ -355,7 +360,7 @@ def markdown_table(results: dict) -> str:
 # What a model's results depend on, besides the problems (each one's content) and the model's files: these
 # settings, its entry's keys in RESULT_MODEL_KEYS and, when sampling (samples > 0), SAMPLED_SETTINGS. A
 # model's kept results are used again only when all of them are as they were (align/evaluation/evaluate.py, `kept`).
-RESULT_SETTINGS = ("max_new_tokens", "batch_size", "turns", "critic", "samples")
+RESULT_SETTINGS = ("max_new_tokens", "batch_size", "turns", "critic", "samples", "system_prompt")
 SAMPLED_SETTINGS = ("pass_k", "temperature", "top_p", "seed")
 RESULT_MODEL_KEYS = ("model", "adapter", "backend", "base_urls")
 MODEL_FILES_SKIPPED = ("log.txt", "progress.json", "stage.json")  # a stage folder's own records, not the model
@@ -479,7 +484,7 @@ def _evaluate(config: EvalConfig, problems: list[Problem], sets: list[str], outp
         progress = Progress(f"eval {name}", batches + sampling, "batch")  # after the load: a failed one leaves no bar
         samples = None
         try:
-            responses = generate_greedy(backend, [[{"role": "user", "content": p.instruction}] for p in problems],
+            responses = generate_greedy(backend, [opening(p.instruction, config.system_prompt) for p in problems],
                                         batch_size, progress)
             progress.note("verifying")
             scored = score(problems, responses, sets=sets)
@@ -488,7 +493,7 @@ def _evaluate(config: EvalConfig, problems: list[Problem], sets: list[str], outp
             if turns > 1:
                 progress.note(f"turns 2..{turns}")
                 scored["pass@turns"], later = multi_turn(backend, problems, responses, correct, turns, batch_size,
-                                                         config.critic)
+                                                         config.critic, config.system_prompt)
             if config.samples:
                 progress.note(f"{config.samples} samples per problem")
                 scored["sampled"], samples = sampled_pass_at_k(backend, problems, config, progress, sets)

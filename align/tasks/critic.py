@@ -29,6 +29,13 @@ def fill_template(template: str, **values: str) -> str:
     return _SLOT.sub(lambda m: values[m.group(1)], template)
 
 
+def opening(instruction: str, system_prompt: str | None = None) -> list[dict]:
+    """A problem's first messages: the recipe's system prompt, if it sets one, then the problem. The model's
+    chat template places the system message as it does (docs/chat-templates.md)."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": instruction}]
+
+
 def feedback_turn(observation: str, critique: str = "") -> str:
     text = f"Out: {observation.strip()}\nYour answer is wrong."
     return f"{text}\n{critique.strip()}" if critique.strip() else text
@@ -116,7 +123,7 @@ class LLMCritic:
         self.name = f"llm:{backend.name}"
 
     async def critique(self, problem: Problem, history: list[dict], action: str, observation: str, seed: int) -> str:
-        turns = history[1:] + [{"role": "assistant", "content": action}]
+        turns = [m for m in history if m["role"] != "system"][1:] + [{"role": "assistant", "content": action}]
         trajectory = "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in turns)
         prompt = fill_template(self.template, problem=problem.instruction, trajectory=trajectory,
                                observation=observation, reference=reference_of(problem))

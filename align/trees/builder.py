@@ -21,7 +21,7 @@ from pathlib import Path
 
 from align.core.errors import AlignError
 from align.evaluation.backends import BackendError, ModelSpec, make_backend
-from align.tasks.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template
+from align.tasks.critic import LLMCritic, ObservationCritic, StepCritic, feedback_turn, load_template, opening
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
 from align.trees.store import FAILURES_FILE, StoreLocked, TreeStore, write_atomic
@@ -46,6 +46,9 @@ class TreesConfig:
     parallel_trees: int = field(default=8, metadata={"help": "Trees built concurrently; with a local model, the group of trees whose requests are one batch per turn.", "range": (1, 4096)})
     verifier_workers: int = field(default=4, metadata={"help": "Threads running verifiers and the sandbox.", "range": (1, 256)})
     limit: int | None = field(default=None, metadata={"help": "Use only the first N problems.", "range": (1, None)})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "A system message before each problem, placed as the actor's chat template places it; the "
+                "exported rows carry it, so SFT and the preference stages train on the same rendering."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip invalid problem rows (listed in a report)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     report_to: list[str] = field(default_factory=list, metadata={
@@ -155,7 +158,7 @@ class TreeBuilder:
 
     async def build(self, problem: Problem) -> dict:
         cfg = self.config
-        history = [{"role": "user", "content": problem.instruction}]
+        history = opening(problem.instruction, cfg.system_prompt)
         turns = []
         for turn in range(1, cfg.max_turns + 1):
             seed = derive_seed(cfg.seed, problem.id, turn)
@@ -270,6 +273,8 @@ def settings_of(config: TreesConfig, actor: ModelSpec, critic: CriticSpec, limit
     keep = {k: v for k, v in asdict(config).items() if k not in ("output_dir", "parallel_trees", "verifier_workers",
                                                                   "progress", "report_to", "run_name", "actor",
                                                                   "critic", "sandbox")}
+    if keep.get("system_prompt") is None:  # unset: as trees built before the key existed recorded it
+        keep.pop("system_prompt", None)
     return {**keep, "actor": asdict(actor), "critic": asdict(critic), "sandbox": asdict(limits)}
 
 

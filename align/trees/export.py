@@ -61,7 +61,9 @@ def pair_rows(trees: list[dict]) -> list[dict]:
                          "prompt": t["history"],
                          "chosen": [{"role": "assistant", "content": chosen}],
                          "rejected": [{"role": "assistant", "content": rejected}],
-                         "trajectory": [{"from": m["role"], "value": m["content"]} for m in t["history"]],
+                         # the released UltraInteract_pair columns: user and assistant turns only
+                         "trajectory": [{"from": m["role"], "value": m["content"]} for m in t["history"]
+                                        if m["role"] != "system"],
                          "chosen_text": chosen, "rejected_text": rejected})
     return rows
 

@@ -31,6 +31,27 @@ def test_progress_file_and_its_line(tmp_path, monkeypatch):
     assert read_progress(tmp_path / "bad.json") is None
 
 
+def test_the_last_of_a_burst_is_written_when_the_interval_is_over(tmp_path, monkeypatch):
+    """A batch of trees that end together: the first is written at once, the rest within the interval are
+    written as one when it is over, not held back until the next tree ends minutes later."""
+    import time
+
+    from align.core import progress as module
+
+    path = tmp_path / "progress.json"
+    monkeypatch.setenv(PROGRESS_ENV, str(path))
+    progress = Progress("trees", 48, "tree")
+    progress.advance()
+    assert json.loads(path.read_text())["done"] == 1
+    for _ in range(23):
+        progress.advance(note="pairs=9")
+    assert json.loads(path.read_text())["done"] == 1  # not rewritten 23 times in a moment
+    time.sleep(module._MIN_INTERVAL_S + 0.5)
+    state = json.loads(path.read_text())
+    assert (state["done"], state["note"]) == (24, "pairs=9")
+    progress.close()
+
+
 def _slow_child(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(f"""

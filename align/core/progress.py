@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class Progress:
         self.done, self.note_text = 0, ""
         self.start = time.monotonic()
         self._written = 0.0
+        self._later: threading.Timer | None = None  # a write put off to the end of the interval
+        self._lock = threading.Lock()
         self.file = os.environ.get(PROGRESS_ENV) or None
         # bar: None = on a terminal only (tqdm's own rule); under `align run` the live line shows it instead
         self.bar = tqdm(total=total, desc=what, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
@@ -52,14 +55,29 @@ class Progress:
             self.note_text = note
             self.bar.set_postfix_str(note, refresh=False)
         self.bar.update(step)
-        if self.file and (time.monotonic() - self._written >= _MIN_INTERVAL_S
-                          or (self.total and self.done >= self.total)):
+        if not self.file:
+            return
+        wait = _MIN_INTERVAL_S - (time.monotonic() - self._written)
+        if wait <= 0 or (self.total and self.done >= self.total):
             self._write()
+        elif self._later is None:
+            # Written a moment ago: this state goes out when the interval is over, so that the last of a burst
+            # (a batch of trees that end together) shows, not the first of it until the next burst.
+            self._later = threading.Timer(wait, self._write)
+            self._later.daemon = True
+            self._later.start()
 
     def _write(self) -> None:
-        self._written = time.monotonic()
-        state = {"what": self.what, "unit": self.unit, "done": self.done, "total": self.total, "note": self.note_text,
-                 "elapsed_s": round(self._written - self.start, 2), "pid": os.getpid()}
+        with self._lock:
+            if self._later is not None and self._later is not threading.current_thread():
+                self._later.cancel()
+            self._later = None
+            self._written = time.monotonic()
+            state = {"what": self.what, "unit": self.unit, "done": self.done, "total": self.total,
+                     "note": self.note_text, "elapsed_s": round(self._written - self.start, 2), "pid": os.getpid()}
+            self._save(state)
+
+    def _save(self, state: dict) -> None:
         tmp = f"{self.file}.{os.getpid()}.tmp"
         try:
             Path(tmp).write_text(json.dumps(state))

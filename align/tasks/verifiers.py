@@ -9,6 +9,7 @@ the tests' check() ran to the end on the candidate's answers, so an early exit f
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import multiprocessing
 import re
@@ -116,7 +117,19 @@ class _MathVerifyPool:
                 return False
 
 
+    def close(self) -> None:
+        """The worker stopped before the interpreter tears its modules down: an executor collected during that
+        teardown prints an `Exception ignored in ... weakref_cb` traceback at exit."""
+        with self._lock:
+            if self._pool is not None:
+                for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                    proc.kill()  # (a call still running at exit is not waited for)
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+
 _MATH_VERIFY = _MathVerifyPool()
+atexit.register(_MATH_VERIFY.close)
 
 
 def verify_math(problem: Problem, response: str, timeout_s: float = 5.0) -> Verdict:

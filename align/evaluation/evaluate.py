@@ -16,7 +16,7 @@ from pathlib import Path
 
 from align.core.errors import AlignError
 from align.evaluation.backends import BackendError
-from align.tasks.critic import opening
+from align.tasks.critic import feedback_turn, opening, step_critique
 from align.tasks.problems import Problem, load_problems
 from align.tasks.sandbox import SandboxLimits
 from align.tasks.verifiers import verify
@@ -312,8 +312,6 @@ def multi_turn(backend, problems: list[Problem], first: list[str], first_correct
                system_prompt: str | None = None) -> tuple[dict, list[list[dict]]]:
     """pass@k-turns for k = 1..turns (solved within k turns) and each problem's later attempts; `critic`
     steps adds the first wrong step to each feedback turn, as in the trees."""
-    from align.tasks.critic import feedback_turn, step_critique
-
     chats = [opening(p.instruction, system_prompt) + [{"role": "assistant", "content": r}] for p, r in zip(problems, first)]
     solved = list(first_correct)
     observation = {i: verify(problems[i], first[i]).observation for i, ok in enumerate(solved) if not ok}

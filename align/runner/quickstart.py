@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from align.core.errors import AlignError
-from align.tasks.critic import feedback_turn, step_critique
+from align.tasks.critic import feedback_turn, opening, step_critique
 from align.tasks.problems import addition_problems
 
 GENERATORS = ("addition-sft",)
@@ -46,7 +46,7 @@ def addition_sft_rows(n: int, seed: int, digits: list[int], split: str = "train"
     rng.shuffle(problems)
     rows = []
     for p in problems:
-        prompt = [{"role": "user", "content": p.instruction}]
+        prompt = opening(p.instruction)
         if rng.random() < feedback:
             a, b = map(int, p.prompt.split("+"))
             wrong = wrong_addition_steps(a, b, rng)

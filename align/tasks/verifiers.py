@@ -108,24 +108,24 @@ class _MathVerifyPool:
             try:
                 return future.result(timeout=timeout_s)
             except cf.TimeoutError:
-                for proc in list(getattr(self._pool, "_processes", {}).values()):
-                    proc.kill()
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
+                self._stop(wait=False)
                 return None
             except Exception:  # a parse failure inside Math-Verify: not equal
                 return False
 
+    def _stop(self, wait: bool) -> None:
+        """The worker killed (a call still running is not waited for) and the pool dropped; under the lock."""
+        for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+            proc.kill()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+        self._pool = None
 
     def close(self) -> None:
         """The worker stopped before the interpreter tears its modules down: an executor collected during that
         teardown prints an `Exception ignored in ... weakref_cb` traceback at exit."""
         with self._lock:
             if self._pool is not None:
-                for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
-                    proc.kill()  # (a call still running at exit is not waited for)
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+                self._stop(wait=True)
 
 
 _MATH_VERIFY = _MathVerifyPool()

@@ -546,3 +546,33 @@ def test_quickstart_spread_reads_the_chosen_reward_of_a_full_logging_window(tmp_
     (tmp_path / "trainer_state.json").write_text(json.dumps({"logging_steps": 5, "log_history": history}))
     assert spread.final_chosen_reward(tmp_path) == -0.005
     assert spread.final_chosen_reward(tmp_path / "missing") is None
+
+
+def test_an_eval_stage_whose_config_changed_evaluates_only_the_model_that_is_new(tmp_path, capsys):
+    """Enabling one more model (as `--enable dpo` does) changes the eval stage's config, so align run restarts
+    it; the models already evaluated keep their results (eval's fingerprint check decides) and only the new one
+    is evaluated. A changed setting the results depend on still evaluates every model again."""
+    from align.runner.pipeline import LOG_ATTEMPT, main
+
+    server, url = _Knower.start()
+    served = {"backend": "server", "model": "knower", "base_urls": [url]}
+    eval_stage = {"name": "eval", "kind": "eval", "problems": str(REPO / "data" / "problems" / "mixed_sample.jsonl"),
+                  "limit": 2, "max_new_tokens": 16, "models": {"a": served}}
+
+    def run(**changes):
+        path = _checked(tmp_path, [{**eval_stage, **changes}])
+        assert main([path]) == 0
+        return (tmp_path / "out" / "eval" / "log.txt").read_text().split(LOG_ATTEMPT)[-1]
+
+    try:
+        first = run()
+        assert "eval: a: kept" not in first
+        second = run(models={"a": served, "b": served})
+        third = run(models={"a": served, "b": served}, max_new_tokens=12)
+    finally:
+        server.shutdown()
+    assert "each model's finished results kept" in second
+    assert "eval: a: kept from an earlier run (results_a.json)" in second and "eval: b: kept" not in second
+    assert "eval: a: evaluated again (its problems, settings or model changed)" in third and "eval: b: evaluated again" in third
+    results = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"a", "b"}

@@ -140,7 +140,12 @@ def smollm2(tmp_path_factory):
     its upcycled MoE (2 experts, top-1) written to a folder."""
     from align.moe.upcycle import UpcycleOptions, load_dense, save_upcycled, upcycle_model
 
-    dense, tokenizer = load_dense("smollm2-135m-instruct", "auto")
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # what the load writes to the terminal: nothing of transformers' bars
+        dense, tokenizer = load_dense("smollm2-135m-instruct", "auto")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tom has 3 apples and buys 11 more. How many?"}],
                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     dense_logits = _logits(dense, [ids])
@@ -150,7 +155,7 @@ def smollm2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2") / "moe"
     save_upcycled(moe, tokenizer, folder, "smollm2-135m-instruct", opts)
     return {"folder": folder, "ids": ids, "logits": dense_logits, "dtype": next(moe.parameters()).dtype,
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "stderr": stderr.getvalue()}
 
 
 @needs_smollm2
@@ -165,6 +170,7 @@ def test_smollm2_gguf_loads_dequantised_and_upcycles_exactly(smollm2, caplog):
     folder = smollm2["folder"]
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "mixtral" and "quantization_config" not in config
+    assert "de-quantizing" not in smollm2["stderr"] and "Loading weights" not in smollm2["stderr"], smollm2["stderr"]
     moe = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     diff = (_logits(moe, [smollm2["ids"]]) - smollm2["logits"]).abs().max().item()
     assert diff < 1e-3, diff
@@ -292,21 +298,51 @@ def test_dropping_finished_rows_decodes_what_generate_does():
 
 
 @needs_smollm2
-def test_the_real_model_study_smoke_runs_to_the_trees(tmp_path):
-    """benchmarks/real_model.py --smoke on the real model: upcycle from the package, trees on word problems and
-    ordering puzzles through the local backend and ChatML, exported; then the table. (It stops after the
-    trees: SFT on ChatML needs issue 27's assistant masks; from there on the full pipeline is --check'ed.)"""
+def test_the_real_model_study_smoke_runs_end_to_end(tmp_path):
+    """benchmarks/real_model.py --smoke, the whole pipeline on the real model from a clean machine: upcycle from
+    the package, trees on word problems and ordering puzzles through the local backend and ChatML, export,
+    SFT, NCA and KTO (one step each, on the model's own template), eval with the critic's turn, a publish dry
+    run; then the table."""
     import subprocess
     import sys
 
     from conftest import REPO
 
-    proc = subprocess.run([sys.executable, "benchmarks/real_model.py", "--smoke", "--until", "trees_logic",
-                           "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for name in ("trees_math", "trees_logic"):
-        trees = [json.loads(line) for line in (tmp_path / "seed0" / name / "trees.jsonl").read_text().splitlines()]
-        assert len(trees) == 4 and all(t["turns"] and t["turns"][0]["actions"] for t in trees)
-        assert (tmp_path / "seed0" / name / "export" / "kto").exists()
-    assert json.loads((tmp_path / "seed0" / "upcycle" / "upcycle.json").read_text())["experts"] == 2
-    assert "pairs per seed: [" in proc.stdout
+    proc = subprocess.run([sys.executable, "benchmarks/real_model.py", "--smoke", "--work", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = tmp_path / "seed0"
+    for name, n in (("trees_math", 16), ("trees_logic", 4)):
+        trees = [json.loads(line) for line in (out / name / "trees.jsonl").read_text().splitlines()]
+        assert len(trees) == n and all(t["turns"] and t["turns"][0]["actions"] for t in trees)
+    pairs = sum(bool(turn.get("pair")) for name in ("trees_math", "trees_logic")
+                for line in (out / name / "trees.jsonl").read_text().splitlines() for turn in json.loads(line)["turns"])
+    assert pairs >= 1  # NCA and KTO train on them
+    assert json.loads((out / "upcycle" / "upcycle.json").read_text())["experts"] == 2
+    for stage in ("sft", "nca", "kto"):
+        assert (out / stage / "adapter_model.safetensors").is_file(), stage
+        assert json.loads((out / stage / "trainer_state.json").read_text())["global_step"] == 1
+    models = json.loads((out / "eval" / "results.json").read_text())["models"]
+    assert set(models) == {"base", "sft", "nca", "kto"} and all("2" in m["pass@turns"] for m in models.values())
+    assert json.loads((out / "publish" / "stage.json").read_text())["status"] == "done"
+    table = proc.stdout[proc.stdout.index("| model |"):]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:6]] == ["| base", "| sft", "| nca", "| kto"]
+    assert f"pairs per seed: [{pairs}]" in table
+
+
+def test_loading_a_model_shows_none_of_transformers_bars(tmp_path, capsys):
+    """`align eval` and the stages load models through _from_pretrained: transformers' "Loading weights" bar
+    stays off the terminal (and out of a stage's log.txt), and its switch is as it was afterwards; the control,
+    transformers' own from_pretrained, shows it."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from align.train.models import _from_pretrained
+
+    _dense_folder(tmp_path / "dense")
+    capsys.readouterr()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert "Loading weights" in capsys.readouterr().err
+    _from_pretrained(str(tmp_path / "dense"))
+    assert "Loading weights" not in capsys.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()

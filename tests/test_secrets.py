@@ -308,3 +308,32 @@ def test_a_safetensors_file_is_searched_in_its_header_not_its_weights(tmp_path):
     save_file(weights, tmp_path / "planted.safetensors", metadata={"format": "pt", "note": f"pushed with {HUB_TOKEN}"})
     assert credential_in_file(tmp_path / "clean.safetensors") is None
     assert "Hugging Face" in credential_in_file(tmp_path / "planted.safetensors")
+
+
+def test_a_server_urls_password_reaches_neither_failures_jsonl_nor_the_terminal(tmp_path, capsys):
+    """A server that refuses every request: each problem's error names the URL it came from, and so the
+    password in that URL, which failures.jsonl and the error line show masked."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from align.cli import main
+    from test_first_day import _BusyHandler
+
+    password = "url-pass-" + "5521"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BusyHandler)
+    server.handle_error = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://bob:{password}@127.0.0.1:{server.server_address[1]}/v1"
+        recipe = tmp_path / "trees.yaml"
+        recipe.write_text(yaml.safe_dump({"problems": "arithmetic:2:0", "output_dir": str(tmp_path / "trees"),
+                                          "progress": False, "actor": {"backend": "server", "model": "m",
+                                                                       "base_urls": [url], "max_retries": 0}}))
+        assert main(["trees", "build", "--config", str(recipe)]) == 1
+    finally:
+        server.shutdown()
+    out, err = capsys.readouterr()
+    failures = (tmp_path / "trees" / "failures.jsonl").read_text().splitlines()
+    assert len(failures) == 2 and all("HTTP 400 from http://bob:" in json.loads(f)["error"] for f in failures)
+    assert password not in out + err and "HTTP 400 from http://bob:" in err
+    assert _files_holding(tmp_path / "trees", password) == []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from align.core.errors import AlignError
 
-log = logging.getLogger("align.upcycle")
+log = logging.getLogger(__name__)
 
 # model types whose decoder layer is attention + gated MLP (gate_proj, up_proj, down_proj), as Mixtral's is
 MAPPABLE = ("llama", "mistral")

@@ -228,6 +228,16 @@ def _clear_folder(folder: Path, keep: tuple[str, ...] = ()) -> None:
             path.unlink()
 
 
+def _kept_through_a_change(folder: Path, kind: str) -> tuple[str, ...]:
+    """What a stage whose config or inputs changed keeps besides its log: an eval stage its models' finished
+    results (results_NAME.json and answers_NAME.jsonl), which `align eval` reuses only when their fingerprint
+    (problems, the settings results depend on, the model's entry and files) still matches. So enabling one
+    more model, or retraining one, evaluates that model alone."""
+    if kind != "eval" or not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name for pattern in ("results_*.json", "answers_*.jsonl") for p in folder.glob(pattern)))
+
+
 LOG_ATTEMPT = "===== align run: attempt "  # each attempt's first line in a stage's log.txt
 
 
@@ -582,8 +592,11 @@ class Runner:
             # Its config or inputs changed (or --force): what is there is stale. (Same hash: an interrupted
             # or failed attempt, whose partial work the stage resumes from: finished trees, checkpoints.)
             # The log of the earlier attempts stays: each attempt appends to it under its own header line.
-            _clear_folder(folder, keep=("log.txt",))
-            why += "; restarted from nothing (" + ("--force" if self.force else "its config or inputs changed") + ")"
+            kept = () if self.force else _kept_through_a_change(folder, stage["kind"])
+            _clear_folder(folder, keep=("log.txt",) + kept)
+            why += ("; restarted from nothing (" + ("--force" if self.force else "its config or inputs changed") + ")"
+                    if not kept else "; restarted (its config or inputs changed), each model's finished results kept "
+                    "for eval to reuse where their fingerprint still matches")
         elif record and stage["kind"] in TRAINING_STAGES:
             from align.train.checkpoints import newest_checkpoint, resume_line
 

@@ -119,7 +119,21 @@ def read_chat_template(path: str) -> str:
 
 def _from_pretrained(model_path: str, **kwargs):
     """`from_pretrained`, or our loader for a base saved with NF4 expert stacks (align.moe.nf4). A GGUF file
-    (FOLDER/NAME.gguf) loads through transformers' gguf_file, dequantised, and says so in one log line."""
+    (FOLDER/NAME.gguf) loads through transformers' gguf_file, dequantised, and says so in one log line.
+    transformers' own bars ("Loading weights", "Converting and de-quantizing GGUF tensors") are off while it
+    loads: only align writes to the terminal, and in a stage's log.txt each bar was a few hundred updates."""
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return _load_pretrained(model_path, **kwargs)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _load_pretrained(model_path: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     from align.moe.nf4 import is_quantized_checkpoint, load_quantized
@@ -129,7 +143,16 @@ def _from_pretrained(model_path: str, **kwargs):
         if "quantization_config" in kwargs:
             raise AlignError(f"model_name_or_path: {model_path} is a GGUF file; load_in_4bit does not apply to it")
         logging.getLogger("align.train.models").info(describe_gguf(model_path))
-        model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        shown = gguf_utils.tqdm  # its bar is tqdm's own, which transformers' switch does not reach
+        gguf_utils.tqdm = functools.partial(shown, disable=True)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, **gguf, **kwargs)
+        finally:
+            gguf_utils.tqdm = shown
         # the weights are plain tensors now: a saved copy must not claim to be a GGUF file
         model.config.__dict__.pop("quantization_config", None)
         return model

@@ -325,7 +325,7 @@ def test_the_real_model_study_smoke_runs_end_to_end(tmp_path):
     models = json.loads((out / "eval" / "results.json").read_text())["models"]
     assert set(models) == {"base", "sft", "nca", "kto"} and all("2" in m["pass@turns"] for m in models.values())
     assert json.loads((out / "publish" / "stage.json").read_text())["status"] == "done"
-    table = proc.stdout[proc.stdout.index("| model |"):]
+    table = proc.stdout[proc.stdout.index("| model | pass@1 | pass@2 turns | chosen reward |"):]  # (not eval's)
     assert [line.split(" | ")[0] for line in table.splitlines()[2:6]] == ["| base", "| sft", "| nca", "| kto"]
     assert f"pairs per seed: [{pairs}]" in table
 

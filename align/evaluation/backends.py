@@ -17,7 +17,11 @@ from align.core.redact import mask_text
 
 
 class BackendError(RuntimeError):
-    """A generation request failed after its retries; the problem is reported and retried on rerun."""
+    """A generation request failed after its retries; the problem is reported and retried on rerun. Its message
+    is masked when made: it names the server URL it came from, password and all, and goes to failures.jsonl."""
+
+    def __init__(self, message: str):
+        super().__init__(mask_text(message))
 
 
 @dataclass
@@ -219,11 +223,6 @@ def _has_surrogates(text: str) -> bool:
         return True
 
 
-def _shown(client) -> str:
-    """A client's base URL as errors and failures.jsonl show it: a password in it masked."""
-    return mask_text(str(client.base_url))
-
-
 def _retry_after(headers) -> float | None:
     """Seconds from a Retry-After header (a number or an HTTP date), None when absent or unreadable."""
     value = headers.get("retry-after") if headers is not None else None
@@ -303,21 +302,21 @@ class ServerBackend:
             try:
                 return await self._attempt(client, messages, seed)
             except asyncio.TimeoutError:
-                last = f"Timeout: no complete reply within {self.spec.request_timeout_s:g} s from {_shown(client)}"
+                last = f"Timeout: no complete reply within {self.spec.request_timeout_s:g} s from {client.base_url}"
             except openai.APIStatusError as err:
-                last = f"HTTP {err.status_code} from {_shown(client)}: {' '.join(str(err.message).split())[:200]}"
+                last = f"HTTP {err.status_code} from {client.base_url}: {' '.join(str(err.message).split())[:200]}"
                 if err.status_code not in RETRY_STATUS and err.status_code < 500:
-                    raise BackendError(mask_text(last)) from None
+                    raise BackendError(last) from None
                 wait = _retry_after(err.response.headers)
             except UnusableReply as err:
-                last = f"unusable reply from {_shown(client)}: {err}"
+                last = f"unusable reply from {client.base_url}: {err}"
             except Exception as err:  # connection errors, bodies that are not JSON or not gzip, ...: retried
-                last = f"{type(err).__name__} from {_shown(client)}: {' '.join(str(err).split())[:200]}"
+                last = f"{type(err).__name__} from {client.base_url}: {' '.join(str(err).split())[:200]}"
             if attempt < self.spec.max_retries:
                 self.retries += 1
                 backoff = self.spec.backoff_s * (2 ** attempt) * (0.5 + rng.random())
                 await asyncio.sleep(min(wait, RETRY_AFTER_CAP_S) if wait is not None else backoff)
-        raise BackendError(mask_text(f"gave up after {self.spec.max_retries + 1} attempts: {last}"))
+        raise BackendError(f"gave up after {self.spec.max_retries + 1} attempts: {last}")
 
     async def generate(self, messages: list[dict], n: int, seed: int) -> list[str]:
         """The n samples; when one gives up the others are cancelled (no request outlives its problem)."""
@@ -340,12 +339,12 @@ class ServerBackend:
         dead = [(client, why) for client, why in zip(self._clients, results) if why]
         if len(dead) == len(self._clients):
             await self.aclose()
-            named = "; ".join(f"{_shown(client)}: {why}" for client, why in dead)
-            raise AlignError(mask_text(f"{role}: no server answers at base_urls ({named}); start the server, or fix {role}.base_urls"))
+            named = "; ".join(f"{client.base_url}: {why}" for client, why in dead)
+            raise AlignError(f"{role}: no server answers at base_urls ({named}); start the server, or fix {role}.base_urls")
         import sys
 
         for client, why in dead:
-            print(mask_text(f"align: warning: {role}: {_shown(client)} does not answer ({why}); using the other base_urls"),
+            print(mask_text(f"align: warning: {role}: {client.base_url} does not answer ({why}); using the other base_urls"),
                   file=sys.stderr, flush=True)
             self._clients.remove(client)
             await client.close()

@@ -594,9 +594,11 @@ class Runner:
             # The log of the earlier attempts stays: each attempt appends to it under its own header line.
             kept = () if self.force else _kept_through_a_change(folder, stage["kind"])
             _clear_folder(folder, keep=("log.txt",) + kept)
-            why += ("; restarted from nothing (" + ("--force" if self.force else "its config or inputs changed") + ")"
-                    if not kept else "; restarted (its config or inputs changed), each model's finished results kept "
-                    "for eval to reuse where their fingerprint still matches")
+            if kept:
+                why += ("; restarted (its config or inputs changed), each model's finished results kept for eval "
+                        "to reuse where their fingerprint still matches")
+            else:
+                why += "; restarted from nothing (" + ("--force" if self.force else "its config or inputs changed") + ")"
         elif record and stage["kind"] in TRAINING_STAGES:
             from align.train.checkpoints import newest_checkpoint, resume_line
 

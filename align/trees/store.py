@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from align.core.redact import mask_text
-
 TREES_FILE = "trees.jsonl"
 FAILURES_FILE = "failures.jsonl"
 
@@ -113,8 +111,7 @@ class TreeStore:
         self.done.update(t["problem"]["id"] for t in trees)
 
     def record_failure(self, problem_id: str, error: str) -> None:
-        # masked again here: an error may quote what a backend was given (a server URL with its password)
-        line = json.dumps({"problem_id": problem_id, "error": mask_text(error)}, ensure_ascii=True) + "\n"
+        line = json.dumps({"problem_id": problem_id, "error": error}, ensure_ascii=True) + "\n"
         with open(self.dir / FAILURES_FILE, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

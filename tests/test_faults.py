@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -216,8 +217,14 @@ def test_two_builds_into_one_folder(tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "trees" / "build_info.json").exists() and time.time() < deadline:
         time.sleep(0.1)
-    second = subprocess.run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe)], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    # the first is paused while the second runs, so that it still holds the folder however slowly the second
+    # starts (on a loaded machine the first could otherwise finish first, and the second then resume nothing)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run([sys.executable, "-m", "align", "trees", "build", "--config", str(recipe)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     first.communicate(timeout=600)
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     if first.returncode == 0 and second.returncode == 0:
